@@ -1,0 +1,511 @@
+"""Shared pieces of every algorithm in this repository.
+
+Environments (MuJoCo Playground's DeepMind Control Suite in MJX), the running observation
+normalizer, pure-function MLPs, diagonal-Gaussian math, GAE, the rollout scan, minibatch SGD,
+deterministic evaluation, and the run folder (config, CSV, TensorBoard, checkpoints, progress).
+
+Everything here is used by at least two algorithm files. An algorithm file imports this module
+and nothing else of the repository, so `gorl_fm.py` + `common.py` can be copied anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from brax.envs.wrappers import training as brax_wrappers
+from mujoco_playground import registry
+from mujoco_playground import wrapper as playground_wrapper
+from tensorboardX import SummaryWriter
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+
+EPISODE_LENGTH = 1000
+IMPLS = ("jax", "warp")
+
+
+def dmc_env_names() -> tuple[str, ...]:
+    """Names of the DeepMind Control Suite tasks that MuJoCo Playground provides."""
+    return tuple(registry.dm_control_suite.ALL_ENVS)
+
+
+def env_name_check(name: str) -> tuple[bool, str]:
+    """(is valid, error message listing the valid names), for `check_args`."""
+    names = dmc_env_names()
+    return name in names, f"unknown task {name!r}; valid DMC tasks are: {', '.join(names)}"
+
+
+def check_args(checks: list[tuple[bool, str]]) -> None:
+    """Exit with every violated condition's message (scripts call this before compiling)."""
+    errors = [message for ok, message in checks if not ok]
+    if errors:
+        sys.exit("error: " + "\n       ".join(errors))
+
+
+def make_env(name: str, impl: str = "jax", episode_length: int = EPISODE_LENGTH):
+    """A batched DMC task: auto-reset, episode bookkeeping, tanh-squashed actions.
+
+    `reset` takes a batch of keys, `step` a batch of *pre-squash* actions `a`; the simulator
+    receives `tanh(a)`. Episodes end after `episode_length` steps as a truncation (not a
+    terminal: `info["truncation"]` is 1, `done` is 1). Brax-style auto-reset then replaces the
+    observation with the new episode's first one, so the true last observation is kept in
+    `info["next_obs"]` (equal to `obs` on every other step).
+    """
+    ok, message = env_name_check(name)
+    if not ok:
+        raise ValueError(message)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+    env = registry.load(name, config_overrides={"impl": impl})
+    env = brax_wrappers.VmapWrapper(env)
+    env = brax_wrappers.EpisodeWrapper(env, episode_length, action_repeat=1)
+    env = _KeepNextObs(env)
+    env = playground_wrapper.BraxAutoResetWrapper(env)
+    return _SquashAction(env)
+
+
+class _KeepNextObs(playground_wrapper.Wrapper):
+    """Stores the observation the step produced before auto-reset can overwrite it."""
+
+    def reset(self, rng):
+        state = self.env.reset(rng)
+        state.info["next_obs"] = state.obs
+        return state
+
+    def step(self, state, action):
+        state = self.env.step(state, action)
+        state.info["next_obs"] = state.obs
+        return state
+
+
+class _SquashAction(playground_wrapper.Wrapper):
+    """Policies act in the unbounded pre-squash space; the task's bounds are [-1, 1]."""
+
+    def step(self, state, action):
+        return self.env.step(state, jnp.tanh(action))
+
+
+def reset_envs(env, key: jax.Array, num_envs: int):
+    return env.reset(jax.random.split(key, num_envs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation normalization: running mean and variance, Chan et al.'s parallel update
+# ---------------------------------------------------------------------------------------------
+
+
+class Normalizer(NamedTuple):
+    count: jax.Array  # number of observations seen (float, to combine batches exactly)
+    mean: jax.Array
+    m2: jax.Array  # sum of squared deviations from the mean
+
+
+def normalizer_init(size: int) -> Normalizer:
+    return Normalizer(jnp.zeros(()), jnp.zeros(size), jnp.zeros(size))
+
+
+def normalizer_update(norm: Normalizer, batch: jax.Array) -> Normalizer:
+    """Merge a batch (any leading shape) into the statistics without summing raw squares."""
+    batch = batch.reshape(-1, norm.mean.shape[-1])
+    n_b = batch.shape[0]
+    mean_b = batch.mean(axis=0)
+    m2_b = ((batch - mean_b) ** 2).sum(axis=0)
+    count = norm.count + n_b
+    delta = mean_b - norm.mean
+    mean = norm.mean + delta * n_b / count
+    m2 = norm.m2 + m2_b + delta**2 * norm.count * n_b / count
+    return Normalizer(count, mean, m2)
+
+
+def normalize(norm: Normalizer, obs: jax.Array, eps: float = 1e-8) -> jax.Array:
+    var = norm.m2 / jnp.maximum(norm.count, 1.0)
+    # Before any data the statistics are (0, 0): pass observations through unchanged.
+    std = jnp.where(norm.count > 0, jnp.sqrt(var + eps), 1.0)
+    return (obs - norm.mean) / std
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: pure functions over parameter pytrees
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp_init(key: jax.Array, sizes: list[int]) -> list[dict[str, jax.Array]]:
+    """Layers `sizes[0] -> ... -> sizes[-1]`; LeCun-uniform weights, zero biases."""
+    params = []
+    for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+        bound = math.sqrt(3.0 / n_in)
+        params.append(
+            {"w": jax.random.uniform(k, (n_in, n_out), minval=-bound, maxval=bound), "b": jnp.zeros(n_out)}
+        )
+    return params
+
+
+def mlp_apply(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+    """SiLU hidden layers, linear output."""
+    for layer in params[:-1]:
+        x = jax.nn.silu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagonal Gaussian
+# ---------------------------------------------------------------------------------------------
+
+MIN_SCALE, MAX_SCALE = 1e-3, 10.0
+
+
+def gaussian_from_output(out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split a network output into mean and scale = softplus(.) + 1e-3, clipped to [1e-3, 10]."""
+    mean, raw_scale = jnp.split(out, 2, axis=-1)
+    scale = jnp.clip(jax.nn.softplus(raw_scale) + MIN_SCALE, MIN_SCALE, MAX_SCALE)
+    return mean, scale
+
+
+def unit_scale_bias() -> float:
+    """The raw-scale bias b with softplus(b) + 1e-3 = 1: a zero-weight layer then gives scale 1."""
+    target = 1.0 - MIN_SCALE
+    return float(np.log(np.expm1(target)))
+
+
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, scale: jax.Array) -> jax.Array:
+    """log N(x; mean, diag(scale^2)), summed over the last axis."""
+    z = (x - mean) / scale
+    return jnp.sum(-0.5 * z**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+def gaussian_entropy(scale: jax.Array) -> jax.Array:
+    return jnp.sum(0.5 + 0.5 * jnp.log(2 * jnp.pi) + jnp.log(scale), axis=-1)
+
+
+def kl_to_standard_normal(mean: jax.Array, scale: jax.Array) -> jax.Array:
+    """KL(N(mean, scale^2) || N(0, I)) = 0.5 * sum(mean^2 + scale^2 - 1 - 2 log scale)."""
+    return 0.5 * jnp.sum(mean**2 + scale**2 - 1.0 - 2.0 * jnp.log(scale), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts and advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def rollout(env, env_state, policy: Callable, key: jax.Array, num_steps: int):
+    """Run `policy(obs, key) -> (pre_squash_action, extras)` for `num_steps` steps in a scan.
+
+    Returns the final environment state and a dict of [num_steps, num_envs, ...] arrays:
+    obs, next_obs (the true next observation, also at a truncation), action, reward,
+    termination, truncation, episode_done, episode_return (valid where episode_done), and
+    whatever the policy put in `extras`.
+    """
+
+    def step(state, key):
+        action, extras = policy(state.obs, key)
+        next_state = env.step(state, action)
+        truncation = next_state.info["truncation"]
+        transition = {
+            "obs": state.obs,
+            "next_obs": next_state.info["next_obs"],
+            "action": action,
+            "reward": next_state.reward,
+            "termination": next_state.done * (1.0 - truncation),
+            "truncation": truncation,
+            "episode_done": next_state.done,
+            "episode_return": next_state.info["episode_metrics"]["sum_reward"],
+            **extras,
+        }
+        return next_state, transition
+
+    return jax.lax.scan(step, env_state, jax.random.split(key, num_steps))
+
+
+def completed_episode_return(data: dict) -> tuple[jax.Array, jax.Array]:
+    """Mean return of the episodes that ended inside a rollout, and how many there were."""
+    done = data["episode_done"]
+    n = done.sum()
+    return jnp.where(n > 0, (data["episode_return"] * done).sum() / jnp.maximum(n, 1), jnp.nan), n
+
+
+def gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    next_values: jax.Array,
+    terminations: jax.Array,
+    episode_dones: jax.Array,
+    discount: float,
+    lam: float,
+) -> jax.Array:
+    """Generalized advantage estimates over the leading (time) axis.
+
+    `next_values` are the values of the true next observations, so a truncated episode is
+    bootstrapped from its real last state; only a termination cuts the bootstrap. Any episode
+    end (termination or truncation) stops the lambda-recursion, because the next row belongs
+    to a new episode.
+    """
+    deltas = rewards + discount * (1.0 - terminations) * next_values - values
+
+    def backward(advantage, x):
+        delta, done = x
+        advantage = delta + discount * lam * (1.0 - done) * advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(
+        backward, jnp.zeros_like(deltas[0]), (deltas, episode_dones), reverse=True
+    )
+    return advantages
+
+
+def value_targets(
+    value_fn: Callable, data: dict, reward_scaling: float, discount: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
+    """GAE advantages and value targets (advantage + value) of a rollout, given
+    `value_fn(raw_observations) -> values` (normalization is the caller's)."""
+    values = value_fn(data["obs"])
+    next_values = value_fn(data["next_obs"])
+    advantages = gae(
+        data["reward"] * reward_scaling,
+        values,
+        next_values,
+        data["termination"],
+        data["episode_done"],
+        discount,
+        lam,
+    )
+    return advantages, advantages + values
+
+
+def clipped_surrogate(log_ratio: jax.Array, advantages: jax.Array, clip_eps: float):
+    """PPO's clipped objective as a loss, advantages normalized over the minibatch.
+
+    Returns the loss and the fraction of samples whose ratio was clipped.
+    """
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    ratio = jnp.exp(log_ratio)
+    surrogate = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > clip_eps)
+    return -surrogate.mean(), clip_fraction
+
+
+def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_epochs: int, num_minibatches: int):
+    """`num_epochs` passes over `data` (leading axis = samples) in shuffled minibatches.
+
+    `update(carry, minibatch) -> (carry, metrics)`; returns the final carry and the metrics
+    averaged over every minibatch step.
+    """
+    n = jax.tree.leaves(data)[0].shape[0]
+    size = n // num_minibatches
+
+    def epoch(carry, key):
+        perm = jax.random.permutation(key, n)[: size * num_minibatches].reshape(num_minibatches, size)
+        minibatches = jax.tree.map(lambda x: x[perm], data)
+        return jax.lax.scan(update, carry, minibatches)
+
+    carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(key, num_epochs))
+    return carry, jax.tree.map(jnp.mean, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def make_evaluator(env, num_envs: int = 128, episode_length: int = EPISODE_LENGTH):
+    """`evaluate(act, key)`: mean return of one full episode in each of `num_envs` environments.
+
+    `act(obs) -> pre_squash_action` must be deterministic (the caller closes over parameters).
+    Rewards after an environment's first episode end are not counted.
+    """
+
+    def evaluate(act: Callable, key: jax.Array) -> jax.Array:
+        state = reset_envs(env, key, num_envs)
+
+        def step(carry, _):
+            state, total, alive = carry
+            state = env.step(state, act(state.obs))
+            total = total + alive * state.reward
+            alive = alive * (1.0 - state.done)
+            return (state, total, alive), None
+
+        init = (state, jnp.zeros(num_envs), jnp.ones(num_envs))
+        (_, total, _), _ = jax.lax.scan(step, init, None, length=episode_length)
+        return total.mean()
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder: config, CSV, TensorBoard, checkpoints, progress
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, tree: Any) -> None:
+    """Write a pytree (moved to host numpy) atomically, so an interrupt never leaves half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(jax.device_get(tree), f)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> Any:
+    with open(path, "rb") as f:
+        return jax.tree.map(jnp.asarray, pickle.load(f))
+
+
+def args_from_run(args_cls, run_dir: str, **overrides):
+    """The Args a run was started with (its config.json), for `--resume`."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        sys.exit(f"error: {run_dir!r} is not a run folder (no config.json)")
+    with open(path) as f:
+        config = json.load(f)
+    fields = {f.name for f in dataclasses.fields(args_cls)}
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+    return dataclasses.replace(args_cls(**config), **overrides)
+
+
+class Run:
+    """The run folder `runs/<env>__<algo>__<seed>__<time>/` and the console progress line."""
+
+    def __init__(self, args, algo: str, run_dir: str | None = None):
+        if run_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = os.path.join(args.runs_dir, f"{args.env_name}__{algo}__{args.seed}__{stamp}")
+        self.dir = run_dir
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        config_path = os.path.join(run_dir, "config.json")
+        if not os.path.exists(config_path):
+            with open(config_path, "w") as f:
+                json.dump({"algo": algo, **dataclasses.asdict(args)}, f, indent=2)
+        self.csv_path = os.path.join(run_dir, "metrics.csv")
+        self.rows: list[dict] = []
+        if os.path.exists(self.csv_path):
+            with open(self.csv_path) as f:
+                self.rows = list(csv.DictReader(f))
+        self.columns = list(self.rows[0].keys()) if self.rows else ["step", "wall_time"]
+        self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        self.start = time.time()
+        self.last_print = 0.0
+        print(f"run folder: {run_dir}", flush=True)
+
+    def forget_after(self, step: int) -> None:
+        """Drop logged rows past `step` (a resumed run repeats them from its checkpoint)."""
+        self.rows = [r for r in self.rows if int(float(r["step"])) <= step]
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def checkpoint_path(self, name: str) -> str:
+        return os.path.join(self.dir, "checkpoints", name)
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Append one row to metrics.csv (new columns rewrite the header) and to TensorBoard."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        row = {"step": int(step), "wall_time": round(time.time() - self.start, 2), **metrics}
+        for k, v in metrics.items():
+            if math.isfinite(v):
+                self.tb.add_scalar(k, v, int(step))
+        self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        self.columns += new
+        if new or len(self.rows) == 1:
+            with open(self.csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        else:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+        self.tb.flush()
+
+    def progress(self, step: int, total: int, sps: float, force: bool = False, **fields) -> None:
+        """One status line at most every 2 seconds (always when forced)."""
+        now = time.time()
+        if not force and now - self.last_print < 2.0:
+            return
+        self.last_print = now
+        elapsed = now - self.start
+        parts = [f"step {step:,}/{total:,} ({100 * step / max(total, 1):.1f}%)", f"{sps:,.0f} steps/s"]
+        for k, v in fields.items():
+            parts.append(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"elapsed {_hms(elapsed)}")
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def run_iterations(
+    run: Run,
+    iterate: Callable,
+    carry: Any,
+    key: jax.Array,
+    *,
+    step: int,
+    end_step: int,
+    steps_per_iteration: int,
+    total_steps: int,
+    eval_every: int,
+    evaluate: Callable,
+    on_eval: Callable | None = None,
+    stage: int | None = None,
+):
+    """The host-side loop over jitted training iterations, from `step` to `end_step`.
+
+    `iterate(carry, key) -> (carry, metrics)` is one jitted iteration (rollout + update);
+    metrics come back to the host once per iteration. Losses are checked for NaN. Whenever
+    the global step crosses a multiple of `eval_every` (and at `end_step`), `evaluate(carry,
+    key)` runs and `on_eval(carry, step, key)` may save a checkpoint. Returns (carry, key, step,
+    last evaluation return).
+    """
+    where = f"stage {stage}, " if stage is not None else ""
+    last_eval = float("nan")
+    last_train = float("nan")
+    while step + steps_per_iteration <= end_step:
+        key, k_iter, k_eval = jax.random.split(key, 3)
+        t0 = time.time()
+        new_carry, metrics = iterate(carry, k_iter)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        sps = steps_per_iteration / (time.time() - t0)
+        check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"{where}step {step:,}")
+        carry = new_carry
+        step += steps_per_iteration
+        if math.isfinite(metrics.get("train/episode_return", math.nan)):
+            last_train = metrics["train/episode_return"]
+        metrics["perf/steps_per_second"] = sps
+        if stage is not None:
+            metrics["stage"] = stage
+        crossed = step // eval_every > (step - steps_per_iteration) // eval_every
+        is_last = step + steps_per_iteration > end_step
+        if crossed or is_last:
+            last_eval = float(evaluate(carry, k_eval))
+            metrics["eval/return"] = last_eval
+            if on_eval is not None:
+                on_eval(carry, step, key)
+        run.log(step, metrics)
+        fields = {"stage": stage} if stage is not None else {}
+        run.progress(step, total_steps, sps, force=crossed or is_last, **fields,
+                     train_return=last_train, eval_return=last_eval)
+    return carry, key, step, last_eval
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def check_finite(metrics: dict, where: str) -> None:
+    """Stop the run on a NaN/inf loss, naming where it happened (callers checkpoint before)."""
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
+    if bad:
+        raise FloatingPointError(f"non-finite {', '.join(bad)} at {where}; the last good checkpoint is kept")

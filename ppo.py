@@ -1,0 +1,252 @@
+"""Gaussian PPO, the baseline of the GoRL paper (Appendix E, Table 4), in JAX + MJX.
+
+One training iteration collects `batch_size * num_minibatches` sequences of `unroll_length`
+steps (Brax PPO's meaning: 32 x 1024 x 30 = 983,040 steps, 480 in each of 2048 environments),
+computes GAE over each environment's whole 480-step trajectory, then makes `num_epochs` passes
+over it in `num_minibatches` shuffled minibatches. The rollout and the update are one jitted
+function; the policy outputs an unbounded action `a` and the environment receives `tanh(a)`.
+
+    python ppo.py --env-name HopperStand --seed 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+import tyro
+
+import common
+
+
+@dataclasses.dataclass
+class Args:
+    env_name: str = "HopperStand"
+    """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
+    seed: int = 1
+    """random seed"""
+    impl: str = "jax"
+    """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    total_timesteps: int = 180_000_000
+    """environment steps to train for"""
+    num_envs: int = 2048
+    """parallel environments"""
+    unroll_length: int = 30
+    """length of one collected sequence (Brax's unroll_length)"""
+    batch_size: int = 1024
+    """sequences per minibatch"""
+    num_minibatches: int = 32
+    """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
+    num_epochs: int = 16
+    """optimization epochs over each iteration's data"""
+    learning_rate: float = 1e-3
+    """Adam learning rate (actor and critic)"""
+    max_grad_norm: float | None = None
+    """clip the global gradient norm to this value (None: no clipping, as in Brax PPO)"""
+    discount: float = 0.995
+    """discount factor gamma"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_eps: float = 0.2
+    """PPO ratio clipping"""
+    vf_coef: float = 0.25
+    """value loss coefficient"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    reward_scaling: float = 10.0
+    """multiply rewards by this for learning (returns are reported unscaled)"""
+    actor_hidden: tuple[int, ...] = (32, 32, 32, 32)
+    """actor hidden layer widths (SiLU)"""
+    critic_hidden: tuple[int, ...] = (256, 256, 256, 256, 256)
+    """critic hidden layer widths (SiLU)"""
+    eval_every: int = 6_000_000
+    """evaluate every this many environment steps"""
+    num_eval_envs: int = 128
+    """environments in one evaluation (one full episode each, deterministic policy)"""
+    runs_dir: str = "runs"
+    """where run folders are created"""
+    resume: str | None = None
+    """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
+
+
+def steps_per_iteration(args: Args) -> int:
+    return args.batch_size * args.num_minibatches * args.unroll_length
+
+
+def validate(args: Args) -> None:
+    """Reject bad flag values before anything is compiled."""
+    sequences = args.batch_size * args.num_minibatches
+    common.check_args([
+        common.env_name_check(args.env_name),
+        (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
+        (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
+         "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
+        (sequences % args.num_envs == 0,
+         f"--batch-size * --num-minibatches = {sequences} sequences per iteration must be a multiple of "
+         f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
+        (args.total_timesteps >= steps_per_iteration(args),
+         f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
+         f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
+        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: an actor (diagonal Gaussian over the pre-squash action) and a critic
+# ---------------------------------------------------------------------------------------------
+
+
+def init_params(key, obs_size: int, action_size: int, args: Args):
+    k_actor, k_critic = jax.random.split(key)
+    return {
+        "actor": common.mlp_init(k_actor, [obs_size, *args.actor_hidden, 2 * action_size]),
+        "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1]),
+    }
+
+
+def actor(params, obs):
+    return common.gaussian_from_output(common.mlp_apply(params, obs))
+
+
+def critic(params, obs):
+    return common.mlp_apply(params, obs)[..., 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+def ppo_loss(params, batch, args: Args):
+    """Clipped surrogate + value regression - entropy bonus (Schulman et al., 2017)."""
+    mean, scale = actor(params["actor"], batch["obs"])
+    log_prob = common.gaussian_log_prob(batch["action"], mean, scale)
+    policy_loss, clip_fraction = common.clipped_surrogate(
+        log_prob - batch["log_prob"], batch["advantage"], args.clip_eps
+    )
+    value_loss = 0.5 * jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    entropy = common.gaussian_entropy(scale).mean()
+    loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
+    return loss, {
+        "loss/total": loss,
+        "loss/policy": policy_loss,
+        "loss/value": value_loss,
+        "policy/entropy": entropy,
+        "policy/clip_fraction": clip_fraction,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One training iteration: rollout, advantages, minibatch epochs (all under one jit)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_iteration(env, optimizer, args: Args):
+    rollout_steps = steps_per_iteration(args) // args.num_envs
+
+    def update(carry, batch):
+        params, opt_state = carry
+        grads, metrics = jax.grad(ppo_loss, has_aux=True)(params, batch, args)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), metrics
+
+    def train_iteration(state, key):
+        params, opt_state, norm, env_state = state
+        k_rollout, k_sgd = jax.random.split(key)
+
+        def policy(obs, key):
+            mean, scale = actor(params["actor"], common.normalize(norm, obs))
+            action = mean + scale * jax.random.normal(key, mean.shape)
+            return action, {"log_prob": common.gaussian_log_prob(action, mean, scale)}
+
+        env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps)
+        advantages, targets = common.value_targets(
+            lambda obs: critic(params["critic"], common.normalize(norm, obs)),
+            data, args.reward_scaling, args.discount, args.gae_lambda,
+        )
+        batch = {
+            "obs": common.normalize(norm, data["obs"]),
+            "action": data["action"],
+            "log_prob": data["log_prob"],
+            "advantage": advantages,
+            "target": targets,
+        }
+        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+        (params, opt_state), metrics = common.minibatch_sgd(
+            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches
+        )
+        # Updated after the epochs, so the ratio above compares against the exact rollout policy.
+        norm = common.normalizer_update(norm, data["obs"])
+        metrics["train/episode_return"], _ = common.completed_episode_return(data)
+        return (params, opt_state, norm, env_state), metrics
+
+    return train_iteration
+
+
+def main(args: Args) -> None:
+    if args.resume:
+        args = common.args_from_run(Args, args.resume, resume=args.resume)
+    validate(args)
+
+    env = common.make_env(args.env_name, args.impl)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
+        optax.adam(args.learning_rate),
+    )
+    run = common.Run(args, "ppo", run_dir=args.resume)
+
+    key = jax.random.PRNGKey(args.seed)
+    key, k_init, k_env = jax.random.split(key, 3)
+    params = init_params(k_init, env.observation_size, env.action_size, args)
+    checkpoint = {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "norm": common.normalizer_init(env.observation_size),
+        "step": 0,
+        "key": key,
+    }
+    if args.resume:
+        checkpoint = common.load_checkpoint(run.checkpoint_path("latest.pkl"))
+        print(f"resuming from step {int(checkpoint['step']):,}")
+        run.forget_after(int(checkpoint["step"]))
+    key, step = checkpoint["key"], int(checkpoint["step"])
+
+    env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
+    state = (checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"], env_state)
+    train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    evaluator = common.make_evaluator(env, args.num_eval_envs)
+
+    @jax.jit
+    def evaluate(state, key):
+        params, _, norm, _ = state
+        return evaluator(lambda obs: actor(params["actor"], common.normalize(norm, obs))[0], key)
+
+    def save(state, step, key):
+        params, opt_state, norm, _ = state
+        common.save_checkpoint(
+            run.checkpoint_path("latest.pkl"),
+            {"params": params, "opt_state": opt_state, "norm": norm, "step": step, "key": key},
+        )
+
+    start = time.time()
+    try:
+        state, key, step, final_return = common.run_iterations(
+            run, train_iteration, state, key,
+            step=step, end_step=args.total_timesteps, steps_per_iteration=steps_per_iteration(args),
+            total_steps=args.total_timesteps, eval_every=args.eval_every, evaluate=evaluate,
+            on_eval=save,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: python ppo.py --resume {run.dir}")
+        raise
+    finally:
+        run.close()
+    print(f"done: {step:,} steps in {time.time() - start:.0f}s, final evaluation return {final_return:.1f}")
+    print(f"run folder: {run.dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
