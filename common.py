@@ -358,7 +358,8 @@ def save_checkpoint(path: str, tree: Any) -> None:
 
 def load_checkpoint(path: str) -> Any:
     with open(path, "rb") as f:
-        return jax.tree.map(jnp.asarray, pickle.load(f))
+        # Arrays back to the device; Python numbers and lists (e.g. a stage table) stay as they are.
+        return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, pickle.load(f))
 
 
 def args_from_run(args_cls, run_dir: str, **overrides):

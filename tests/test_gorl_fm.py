@@ -1,0 +1,212 @@
+"""GoRL-FM: the math that defines the method, and a staged run with resume."""
+
+import csv
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import common
+import gorl_fm
+
+OBS, ACT = 7, 3
+ARGS = gorl_fm.Args()
+
+
+def random_states(n=256, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, OBS)) * 3.0
+
+
+def test_decoder_is_identity_at_init():
+    params = gorl_fm.init_decoder(jax.random.PRNGKey(1), OBS, ACT, ARGS)
+    z = jax.random.normal(jax.random.PRNGKey(2), (256, ACT)) * 2.0
+    a = gorl_fm.decode(params, random_states(), z, flow_steps=10)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(z))
+
+
+def test_reinitialized_encoder_is_the_prior():
+    for seed in range(3):
+        params = gorl_fm.init_encoder(jax.random.PRNGKey(seed), OBS, ACT, ARGS)
+        mean, scale = gorl_fm.encoder(params, random_states(seed=seed + 10))
+        np.testing.assert_array_equal(np.asarray(mean), 0.0)
+        np.testing.assert_allclose(np.asarray(scale), 1.0, rtol=0, atol=1e-6)
+        # Hidden layers stay random: the encoder can move off the prior once trained.
+        assert float(jnp.abs(params[0]["w"]).sum()) > 0
+
+
+def kl_numpy(mean, scale):
+    return 0.5 * np.sum(mean**2 + scale**2 - 1.0 - 2.0 * np.log(scale), axis=-1)
+
+
+def test_kl_regularizer_closed_form_zero_positive_and_monte_carlo():
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(5, ACT)).astype(np.float32)
+    scale = rng.uniform(0.3, 2.0, size=(5, ACT)).astype(np.float32)
+    kl = np.asarray(common.kl_to_standard_normal(jnp.asarray(mean), jnp.asarray(scale)))
+    np.testing.assert_allclose(kl, kl_numpy(mean, scale), rtol=1e-5)
+    assert np.all(kl > 0)
+    assert float(common.kl_to_standard_normal(jnp.zeros(ACT), jnp.ones(ACT))) == 0.0
+    # Monte Carlo: E_q[log q(z) - log p(z)] with z ~ q.
+    n = 400_000
+    z = mean[0] + scale[0] * rng.normal(size=(n, ACT))
+    log_q = np.sum(-0.5 * ((z - mean[0]) / scale[0]) ** 2 - np.log(scale[0]), axis=-1)
+    log_p = np.sum(-0.5 * z**2, axis=-1)
+    mc = np.mean(log_q - log_p)
+    stderr = np.std(log_q - log_p) / np.sqrt(n)
+    assert abs(mc - kl[0]) < 5 * stderr + 1e-3
+
+
+def test_kl_in_latent_loss_is_the_true_kl_not_an_l2_penalty():
+    """The loss's KL term pulls sigma to 1: it is zero at the prior and grows as sigma -> 0."""
+    params = {
+        "encoder": gorl_fm.init_encoder(jax.random.PRNGKey(0), OBS, ACT, ARGS),
+        "critic": common.mlp_init(jax.random.PRNGKey(1), [OBS, 16, 1]),
+    }
+    batch = fake_batch(64)
+    hp = gorl_fm.stage_hyperparameters(ARGS, 1)
+    _, metrics = gorl_fm.latent_ppo_loss(params, batch, hp, ARGS)
+    assert abs(float(metrics["loss/kl_prior"])) < 1e-5
+    # Shrink sigma through the scale bias: an L2 penalty on (mu, sigma) would call this better.
+    small = jax.tree.map(lambda x: x, params)
+    small["encoder"][-1]["b"] = small["encoder"][-1]["b"].at[ACT:].set(-3.0)
+    _, metrics_small = gorl_fm.latent_ppo_loss(small, batch, hp, ARGS)
+    mean, scale = gorl_fm.encoder(small["encoder"], batch["obs"])
+    expected = kl_numpy(np.asarray(mean), np.asarray(scale)).mean()
+    np.testing.assert_allclose(float(metrics_small["loss/kl_prior"]), expected, rtol=1e-5)
+    assert expected > 1.0
+
+
+def fake_batch(n, seed=3):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    latent = jax.random.normal(k[0], (n, ACT))
+    return {
+        "obs": jax.random.normal(k[1], (n, OBS)),
+        "latent": latent,
+        "log_prob": common.gaussian_log_prob(latent, jnp.zeros(ACT), jnp.ones(ACT)),
+        "advantage": jax.random.normal(k[2], (n,)),
+        "target": jax.random.normal(k[3], (n,)),
+    }
+
+
+def test_loss_shapes_and_ratio_one_at_rollout_parameters():
+    params = {
+        "encoder": gorl_fm.init_encoder(jax.random.PRNGKey(0), OBS, ACT, ARGS),
+        "critic": common.mlp_init(jax.random.PRNGKey(1), [OBS, 16, 1]),
+    }
+    batch = fake_batch(32)
+    loss, metrics = gorl_fm.latent_ppo_loss(params, batch, gorl_fm.stage_hyperparameters(ARGS, 0), ARGS)
+    assert loss.shape == ()
+    assert all(v.shape == () and np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["encoder/clip_fraction"]) == 0.0  # the batch's log-probs are the prior's
+    grads = jax.grad(lambda p: gorl_fm.latent_ppo_loss(p, batch, gorl_fm.stage_hyperparameters(ARGS, 0), ARGS)[0])(params)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+    dec = gorl_fm.init_decoder(jax.random.PRNGKey(2), OBS, ACT, ARGS)
+    z, t = gorl_fm.refinement_inputs({"action": batch["latent"]}, jax.random.PRNGKey(4), jax.random.PRNGKey(5))
+    assert z.shape == (32, ACT) and t.shape == (32,)
+    assert gorl_fm.flow_matching_loss(dec, batch["obs"], batch["latent"], z, t).shape == ()
+
+
+def test_flow_matching_loss_is_zero_for_the_true_velocity():
+    """Actions a = z + c: the straight path's velocity is the constant c, which a network with
+    zero weights and output bias c represents exactly; Euler integration then gives z + c."""
+    params = gorl_fm.init_decoder(jax.random.PRNGKey(0), OBS, ACT, ARGS)
+    c = jnp.array([0.5, -1.0, 2.0])
+    params[-1]["b"] = c
+    z = jax.random.normal(jax.random.PRNGKey(1), (128, ACT))
+    t = jax.random.uniform(jax.random.PRNGKey(2), (128,))
+    obs = random_states(128)
+    assert float(gorl_fm.flow_matching_loss(params, obs, z + c, z, t)) == pytest.approx(0.0, abs=1e-10)
+    # ...and is positive for a wrong velocity.
+    assert float(gorl_fm.flow_matching_loss(params, obs, z - c, z, t)) > 1.0
+    np.testing.assert_allclose(np.asarray(gorl_fm.decode(params, obs, z, 10)), np.asarray(z + c), atol=1e-5)
+
+
+def test_refinement_latents_prior_vs_encoder_ablation():
+    batch = {"action": jnp.ones((4096, ACT)), "latent": jnp.full((4096, ACT), 7.0)}
+    z_prior, _ = gorl_fm.refinement_inputs(batch, jax.random.PRNGKey(0), jax.random.PRNGKey(1), "prior")
+    z_enc, _ = gorl_fm.refinement_inputs(batch, jax.random.PRNGKey(0), jax.random.PRNGKey(1), "encoder")
+    np.testing.assert_array_equal(np.asarray(z_enc), 7.0)
+    assert abs(float(z_prior.mean())) < 0.05 and abs(float(z_prior.std()) - 1.0) < 0.05
+
+
+def test_decoder_fit_to_bimodal_actions_generates_both_modes():
+    """Fit by the refinement's own `fit` (fresh prior latents) to actions at +-1.5 at one state."""
+    args = dataclasses.replace(ARGS, refine_envs=2, refine_iterations=1, refine_batch_size=250,
+                               refine_epochs=150, refine_learning_rate=3e-3)
+    n = gorl_fm.refine_dataset_size(args)
+    obs_size, act_size = 4, 1
+    rng = np.random.default_rng(0)
+    actions = np.where(rng.random((n, 1)) < 0.5, -1.5, 1.5).astype(np.float32)
+    obs = np.tile(np.array([[0.3, -0.2, 1.0, 0.5]], np.float32), (n, 1))
+    dataset = {"obs": jnp.asarray(obs), "action": jnp.asarray(actions), "latent": jnp.zeros((n, 1))}
+    _, fit = gorl_fm.make_refinement(None, args)
+    decoder = gorl_fm.init_decoder(jax.random.PRNGKey(0), obs_size, act_size, args)
+    norm = common.normalizer_init(obs_size)
+    decoder, metrics = fit(decoder, norm, dataset, jax.random.PRNGKey(1))
+    z = jax.random.normal(jax.random.PRNGKey(2), (4000, 1))
+    a = np.asarray(gorl_fm.decode(decoder, jnp.asarray(np.tile(obs[:1], (4000, 1))), z, 10))[:, 0]
+    near_low, near_high = np.mean(np.abs(a + 1.5) < 0.5), np.mean(np.abs(a - 1.5) < 0.5)
+    assert near_low > 0.3 and near_high > 0.3, (near_low, near_high)
+    assert np.mean(np.abs(a) < 0.5) < 0.15
+
+
+def test_validation_rejects_bad_budgets_before_compiling():
+    with pytest.raises(SystemExit, match="stage"):
+        gorl_fm.validate(gorl_fm.Args(env_name="CartpoleBalance", stage_steps=(10, 10)))
+    with pytest.raises(SystemExit, match="unknown task"):
+        gorl_fm.validate(gorl_fm.Args(env_name="NoSuchTask"))
+    with pytest.raises(SystemExit, match="refine-batch-size"):
+        gorl_fm.validate(gorl_fm.Args(env_name="CartpoleBalance", refine_envs=1, refine_iterations=1))
+
+
+TINY = dict(env_name="CartpoleBalance", num_envs=16, batch_size=16, num_minibatches=2, unroll_length=10,
+            num_epochs=2, refine_envs=2, refine_iterations=1, refine_batch_size=500, refine_epochs=2,
+            eval_every=320, num_eval_envs=4)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
+    # A run that stops after its first stage (as if killed while stage 1 was running) ...
+    gorl_fm.main(gorl_fm.Args(**TINY, stage_steps=(640,), runs_dir=str(tmp_path)))
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "stage0.pkl"))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(run_dir, "tb")))
+    stage0_rows = read_csv(os.path.join(run_dir, "metrics.csv"))
+    # ... resumed with a second stage in its budget: stage 0 is not repeated.
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    config["stage_steps"] = [640, 640]
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    gorl_fm.main(gorl_fm.Args(resume=run_dir))
+
+    rows = read_csv(os.path.join(run_dir, "metrics.csv"))
+    train_rows = [r for r in rows if r.get("stage") not in (None, "")]
+    assert [int(float(r["stage"])) for r in train_rows] == [0, 0, 1, 1]
+    assert [int(r["step"]) for r in train_rows] == [320, 640, 960, 1280]
+    # Stage 0's rows survive the resume unchanged (new columns aside).
+    assert [{k: r[k] for k in stage0_rows[0]} for r in rows[: len(stage0_rows)]] == stage0_rows
+    assert any(r.get("refine/loss_final") not in (None, "") for r in rows)
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "stage1.pkl"))
+    table = open(os.path.join(run_dir, "stages.md")).read()
+    assert "| S0 |" in table and "| S1 |" in table
+
+    # The density helper samples bounded actions from a saved stage.
+    saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.pkl"))
+    obs = jnp.zeros(saved["norm"].mean.shape)
+    actions = gorl_fm.sample_actions(saved, obs, jax.random.PRNGKey(0), 100, 10)
+    assert actions.shape == (100, 1) and bool(jnp.all(jnp.abs(actions) <= 1.0))
+    # The stage-1 decoder was refined: it is no longer the identity.
+    z = jnp.linspace(-2, 2, 9)[:, None]
+    decoded = gorl_fm.decode(saved["decoder"], jnp.zeros((9, obs.shape[0])), z, 10)
+    assert float(jnp.abs(decoded - z).max()) > 1e-4
