@@ -394,7 +394,8 @@ class Run:
                 self.rows = list(csv.DictReader(f))
         self.columns = list(self.rows[0].keys()) if self.rows else ["step", "wall_time"]
         self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
-        self.start = time.time()
+        # A resumed run continues the wall-clock column where it stopped.
+        self.start = time.time() - (float(self.rows[-1]["wall_time"]) if self.rows else 0.0)
         self.last_print = 0.0
         print(f"run folder: {run_dir}", flush=True)
 

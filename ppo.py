@@ -12,6 +12,8 @@ function; the policy outputs an unbounded action `a` and the environment receive
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 
 import jax
@@ -209,6 +211,8 @@ def main(args: Args) -> None:
         "key": key,
     }
     if args.resume:
+        if not os.path.exists(run.checkpoint_path("latest.pkl")):
+            sys.exit(f"error: {args.resume} has no checkpoint yet (one is written at every evaluation)")
         checkpoint = common.load_checkpoint(run.checkpoint_path("latest.pkl"))
         print(f"resuming from step {int(checkpoint['step']):,}")
         run.forget_after(int(checkpoint["step"]))

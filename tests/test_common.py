@@ -1,0 +1,561 @@
+"""Tests of common.py: the math against plain references, the environment wrappers against the
+bare MuJoCo Playground task, and the run folder."""
+
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from brax.envs.wrappers import training as brax_wrappers
+from mujoco_playground import registry
+from scipy import stats
+
+import common
+
+# ---------------------------------------------------------------------------------------------
+# GAE
+# ---------------------------------------------------------------------------------------------
+
+
+def gae_reference(rewards, values, next_values, terminations, episode_dones, discount, lam):
+    """Plain loop: bootstrap unless terminated; restart the lambda-recursion at any episode end."""
+    T, N = rewards.shape
+    advantages = np.zeros((T, N))
+    for n in range(N):
+        following = 0.0  # advantage of the next row, if it belongs to the same episode
+        for t in reversed(range(T)):
+            bootstrap = 0.0 if terminations[t, n] else next_values[t, n]
+            delta = rewards[t, n] + discount * bootstrap - values[t, n]
+            if episode_dones[t, n]:
+                following = 0.0
+            advantages[t, n] = delta + discount * lam * following
+            following = advantages[t, n]
+    return advantages
+
+
+def random_trajectories(rng, T=40, N=5):
+    terminations = (rng.random((T, N)) < 0.08).astype(np.float32)
+    truncations = ((rng.random((T, N)) < 0.08) & (terminations == 0)).astype(np.float32)
+    assert terminations.sum() > 0 and truncations.sum() > 0
+    return {
+        "reward": rng.normal(size=(T, N)).astype(np.float32),
+        "values": rng.normal(size=(T, N)).astype(np.float32),
+        "next_values": rng.normal(size=(T, N)).astype(np.float32),
+        "termination": terminations,
+        "truncation": truncations,
+        "episode_done": np.maximum(terminations, truncations),
+    }
+
+
+def test_gae_matches_python_loop_with_terminations_and_truncations():
+    d = random_trajectories(np.random.default_rng(0))
+    got = common.gae(
+        d["reward"], d["values"], d["next_values"], d["termination"], d["episode_done"], 0.99, 0.9
+    )
+    want = gae_reference(
+        d["reward"], d["values"], d["next_values"], d["termination"], d["episode_done"], 0.99, 0.9
+    )
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gae_truncation_bootstraps_but_stops_the_recursion():
+    # One env, three steps, an episode end at t=1.
+    rewards = np.array([[1.0], [2.0], [3.0]], np.float32)
+    values = np.array([[0.5], [0.25], [0.125]], np.float32)
+    next_values = np.array([[4.0], [8.0], [16.0]], np.float32)
+    done = np.array([[0.0], [1.0], [0.0]], np.float32)
+    g, lam = 0.9, 0.5
+    truncated = np.asarray(common.gae(rewards, values, next_values, np.zeros_like(done), done, g, lam))
+    terminated = np.asarray(common.gae(rewards, values, next_values, done, done, g, lam))
+    a2 = 3.0 + g * 16.0 - 0.125
+    np.testing.assert_allclose(truncated[2, 0], a2, rtol=1e-6)
+    np.testing.assert_allclose(truncated[1, 0], 2.0 + g * 8.0 - 0.25, rtol=1e-6)  # no a2 term
+    np.testing.assert_allclose(terminated[1, 0], 2.0 - 0.25, rtol=1e-6)  # no bootstrap either
+    a0 = 1.0 + g * 4.0 - 0.5
+    np.testing.assert_allclose(truncated[0, 0], a0 + g * lam * truncated[1, 0], rtol=1e-6)
+
+
+def test_value_targets_are_gae_of_scaled_rewards_plus_values():
+    rng = np.random.default_rng(1)
+    d = random_trajectories(rng, T=20, N=4)
+    obs = rng.normal(size=(20, 4, 3)).astype(np.float32)
+    next_obs = rng.normal(size=(20, 4, 3)).astype(np.float32)
+    w = np.array([0.3, -1.0, 2.0], np.float32)
+    data = {
+        "obs": obs,
+        "next_obs": next_obs,
+        "reward": d["reward"],
+        "termination": d["termination"],
+        "episode_done": d["episode_done"],
+    }
+    advantages, targets = common.value_targets(lambda o: o @ w, data, 10.0, 0.995, 0.95)
+    values, next_values = obs @ w, next_obs @ w
+    want = gae_reference(10.0 * d["reward"], values, next_values, d["termination"], d["episode_done"], 0.995, 0.95)
+    np.testing.assert_allclose(advantages, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(targets, np.asarray(advantages) + values, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation normalizer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_normalizer_matches_numpy_over_a_stream_of_batches():
+    rng = np.random.default_rng(2)
+    shapes = [(1,), (7,), (300,), (4, 25), (2,), (1000,)]
+    batches = [
+        (rng.normal(size=(*s, 3)) * [1.0, 0.01, 5.0] + [100.0 * i, -3.0, 1e3]).astype(np.float32)
+        for i, s in enumerate(shapes)
+    ]
+    norm = common.normalizer_init(3)
+    update = jax.jit(common.normalizer_update)
+    for b in batches:
+        norm = update(norm, b)
+    everything = np.concatenate([b.reshape(-1, 3) for b in batches]).astype(np.float64)
+    assert float(norm.count) == len(everything)
+    np.testing.assert_allclose(norm.mean, everything.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(norm.m2 / norm.count, everything.var(0), rtol=1e-3)
+    x = everything[:50]
+    want = (x - everything.mean(0)) / np.sqrt(everything.var(0) + 1e-8)
+    np.testing.assert_allclose(common.normalize(norm, x.astype(np.float32)), want, rtol=1e-3, atol=1e-3)
+
+
+def test_normalize_before_any_data_is_identity():
+    x = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32) * 100
+    np.testing.assert_array_equal(common.normalize(common.normalizer_init(4), x), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagonal Gaussian and KL
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gaussian_log_prob_and_entropy_match_scipy():
+    rng = np.random.default_rng(4)
+    mean = rng.normal(size=(6, 3)).astype(np.float32)
+    scale = rng.uniform(0.05, 3.0, size=(6, 3)).astype(np.float32)
+    x = rng.normal(size=(6, 3)).astype(np.float32) * 2
+    np.testing.assert_allclose(
+        common.gaussian_log_prob(x, mean, scale), stats.norm.logpdf(x, mean, scale).sum(-1), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        common.gaussian_entropy(scale), stats.norm.entropy(scale=scale).sum(-1), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_gaussian_scale_bounds():
+    raw = np.linspace(-1e3, 1e3, 2001, dtype=np.float32)
+    out = np.stack([np.zeros_like(raw), raw], axis=-1)
+    mean, scale = common.gaussian_from_output(out)
+    np.testing.assert_array_equal(mean[..., 0], 0.0)
+    assert float(scale.min()) == pytest.approx(1e-3, rel=1e-6)
+    assert float(scale.max()) == pytest.approx(10.0, rel=1e-6)
+    assert np.all(np.diff(np.asarray(scale[..., 0])) >= 0)
+    np.testing.assert_allclose(
+        common.gaussian_from_output(np.array([0.0, 0.0], np.float32))[1], np.log(2.0) + 1e-3, rtol=1e-6
+    )
+
+
+def test_zero_weight_layer_with_unit_scale_bias_gives_the_prior():
+    action_size, obs_size = 3, 4
+    layer = {
+        "w": jnp.zeros((obs_size, 2 * action_size)),
+        "b": jnp.concatenate([jnp.zeros(action_size), jnp.full(action_size, common.unit_scale_bias())]),
+    }
+    obs = np.random.default_rng(5).normal(size=(10, obs_size)).astype(np.float32)
+    mean, scale = common.gaussian_from_output(common.mlp_apply([layer], obs))
+    np.testing.assert_array_equal(mean, 0.0)
+    np.testing.assert_allclose(scale, 1.0, rtol=0, atol=2e-7)
+
+
+def test_mlp_shapes():
+    params = common.mlp_init(jax.random.PRNGKey(0), [5, 8, 8, 2])
+    assert [p["w"].shape for p in params] == [(5, 8), (8, 8), (8, 2)]
+    assert all(np.all(p["b"] == 0) for p in params)
+    assert common.mlp_apply(params, jnp.ones((7, 5))).shape == (7, 2)
+
+
+def test_kl_to_standard_normal_closed_form_zero_and_positive():
+    rng = np.random.default_rng(6)
+    mean = rng.normal(size=(20, 4)).astype(np.float32)
+    scale = rng.uniform(0.1, 3.0, size=(20, 4)).astype(np.float32)
+    # Per dimension: log(1/s) + (s^2 + m^2)/2 - 1/2.
+    want = (-np.log(scale) + (scale**2 + mean**2) / 2 - 0.5).sum(-1)
+    kl = common.kl_to_standard_normal(mean, scale)
+    assert kl.shape == (20,)
+    np.testing.assert_allclose(kl, want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(kl) > 0)
+    np.testing.assert_array_equal(common.kl_to_standard_normal(np.zeros(4), np.ones(4)), 0.0)
+    # Only the mean off the prior, or only the scale: still positive.
+    assert float(common.kl_to_standard_normal(np.array([0.01, 0.0]), np.ones(2))) > 0
+    assert float(common.kl_to_standard_normal(np.zeros(2), np.array([1.0, 0.9]))) > 0
+
+
+def test_kl_to_standard_normal_matches_monte_carlo():
+    mean = np.array([0.5, -1.0, 0.0])
+    scale = np.array([0.7, 1.8, 0.2])
+    rng = np.random.default_rng(7)
+    x = mean + scale * rng.normal(size=(200_000, 3))
+    log_ratio = (stats.norm.logpdf(x, mean, scale) - stats.norm.logpdf(x)).sum(-1)
+    estimate, stderr = log_ratio.mean(), log_ratio.std() / math.sqrt(len(log_ratio))
+    kl = float(common.kl_to_standard_normal(mean.astype(np.float32), scale.astype(np.float32)))
+    assert abs(kl - estimate) < 5 * stderr + 1e-5, (kl, estimate, stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Minibatch SGD and the clipped surrogate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_minibatch_sgd_visits_every_sample_once_per_epoch():
+    n, num_epochs, num_minibatches = 24, 3, 4
+    size = n // num_minibatches
+
+    def update(carry, minibatch):
+        step, order = carry
+        order = order.at[step].set(minibatch["id"])
+        metrics = {"step": step.astype(jnp.float32), "x": minibatch["x"].mean()}
+        return (step + 1, order), metrics
+
+    data = {"id": jnp.arange(n), "x": jnp.arange(n, dtype=jnp.float32) ** 2}
+    carry = (jnp.int32(0), jnp.full((num_epochs * num_minibatches, size), -1))
+    (steps, order), metrics = common.minibatch_sgd(update, carry, data, jax.random.PRNGKey(0), num_epochs, num_minibatches)
+    assert int(steps) == num_epochs * num_minibatches
+    order = np.asarray(order).reshape(num_epochs, n)
+    for epoch in order:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(n))  # each sample exactly once
+    assert not np.array_equal(order[0], order[1]) and not np.array_equal(order[0], np.arange(n))  # shuffled
+    # Metrics are averaged over every minibatch step of every epoch.
+    assert float(metrics["step"]) == pytest.approx((num_epochs * num_minibatches - 1) / 2)
+    assert float(metrics["x"]) == pytest.approx(float(data["x"].mean()), rel=1e-6)
+
+
+def surrogate_reference(log_ratio, advantages, clip_eps):
+    a = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    r = np.exp(log_ratio)
+    return -np.minimum(r * a, np.clip(r, 1 - clip_eps, 1 + clip_eps) * a).mean(), np.mean(np.abs(r - 1) > clip_eps)
+
+
+def test_clipped_surrogate_at_ratio_one():
+    adv = np.random.default_rng(8).normal(size=64).astype(np.float32) * 3 + 1
+    loss, clip_fraction = common.clipped_surrogate(np.zeros(64, np.float32), adv, 0.2)
+    normalized = (adv - adv.mean()) / adv.std()
+    assert float(loss) == pytest.approx(-normalized.mean(), abs=1e-6)
+    assert float(clip_fraction) == 0.0
+
+
+def test_clipped_surrogate_hand_made_case():
+    # Normalized advantages are exactly [1, -1, 1, -1]; clip at 0.2.
+    adv = np.array([3.0, 1.0, 3.0, 1.0], np.float32)
+    ratio = np.array([1.5, 1.5, 0.5, 1.1], np.float32)
+    loss, clip_fraction = common.clipped_surrogate(np.log(ratio), adv, 0.2)
+    # min(r A, clip(r) A): 1.2, -1.5, 0.5, -1.1
+    assert float(loss) == pytest.approx(-(1.2 - 1.5 + 0.5 - 1.1) / 4, rel=1e-5)
+    assert float(clip_fraction) == pytest.approx(0.75)
+    rng = np.random.default_rng(9)
+    log_ratio, adv = rng.normal(size=100).astype(np.float32) * 0.3, rng.normal(size=100).astype(np.float32)
+    want_loss, want_fraction = surrogate_reference(log_ratio, adv, 0.2)
+    loss, clip_fraction = common.clipped_surrogate(log_ratio, adv, 0.2)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
+    assert float(clip_fraction) == pytest.approx(want_fraction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments, rollouts and evaluation (CartpoleBalance, 5-step episodes)
+# ---------------------------------------------------------------------------------------------
+
+TASK = "CartpoleBalance"
+NUM_ENVS, EPISODE_LENGTH, NUM_STEPS = 3, 5, 12
+
+
+@pytest.fixture(scope="module")
+def cartpole():
+    """`make_env` with 5-step episodes, and one jitted probe.
+
+    `probe(key, pre_squash, raw)` resets `make_env`'s task with `key`, rolls it out for
+    NUM_STEPS under the constant pre-squash action `pre_squash` (via `common.rollout`), and from
+    the same initial state steps the bare task (no auto-reset, no time limit, no squashing)
+    under the constant action `raw`.
+    """
+    env = common.make_env(TASK, episode_length=EPISODE_LENGTH)
+    bare = brax_wrappers.VmapWrapper(registry.load(TASK, config_overrides={"impl": "jax"}))
+
+    @jax.jit
+    def probe(key, pre_squash, raw):
+        state = common.reset_envs(env, key, NUM_ENVS)
+
+        def policy(obs, key):
+            return jnp.full((obs.shape[0], env.action_size), pre_squash), {"obs_sum": obs.sum(-1)}
+
+        _, data = common.rollout(env, state, policy, jax.random.PRNGKey(123), NUM_STEPS)
+
+        def bare_step(s, _):
+            s = bare.step(s, jnp.full((NUM_ENVS, env.action_size), raw))
+            return s, (s.obs, s.reward)
+
+        _, (bare_obs, bare_reward) = jax.lax.scan(bare_step, state, None, length=NUM_STEPS)
+        return state.obs, data, bare_obs, bare_reward
+
+    # float32 scalars, so that every call reuses the one compilation
+    return env, lambda key, pre_squash, raw: probe(key, np.float32(pre_squash), np.float32(raw))
+
+
+KEY = jax.random.PRNGKey(42)
+
+
+def test_unknown_task_is_a_clear_error():
+    ok, message = common.env_name_check("NoSuchTask")
+    assert not ok and "NoSuchTask" in message and "CartpoleBalance" in message and "HopperStand" in message
+    assert common.env_name_check(TASK)[0]
+    with pytest.raises(ValueError, match="NoSuchTask"):
+        common.make_env("NoSuchTask")
+    with pytest.raises(SystemExit, match="first problem[\\s\\S]*second problem"):
+        common.check_args([(False, "first problem"), (True, "fine"), (False, "second problem")])
+    common.check_args([(True, "fine")])
+
+
+def test_rollout_fields_and_shapes(cartpole):
+    env, probe = cartpole
+    reset_obs, data, _, _ = probe(KEY, 0.3, 0.0)
+    obs_size, action_size = env.observation_size, env.action_size
+    shapes = {
+        "obs": (NUM_STEPS, NUM_ENVS, obs_size),
+        "next_obs": (NUM_STEPS, NUM_ENVS, obs_size),
+        "action": (NUM_STEPS, NUM_ENVS, action_size),
+        "reward": (NUM_STEPS, NUM_ENVS),
+        "termination": (NUM_STEPS, NUM_ENVS),
+        "truncation": (NUM_STEPS, NUM_ENVS),
+        "episode_done": (NUM_STEPS, NUM_ENVS),
+        "episode_return": (NUM_STEPS, NUM_ENVS),
+        "obs_sum": (NUM_STEPS, NUM_ENVS),  # the policy's extras
+    }
+    assert {k: v.shape for k, v in data.items()} == shapes
+    assert all(np.all(np.isfinite(v)) for v in data.values())
+    np.testing.assert_array_equal(data["obs"][0], reset_obs)
+    np.testing.assert_allclose(data["obs_sum"], data["obs"].sum(-1), rtol=1e-6)
+    np.testing.assert_array_equal(data["action"], np.float32(0.3))  # stored pre-squash
+
+
+def test_truncation_and_true_next_observation(cartpole):
+    _, probe = cartpole
+    reset_obs, data, bare_obs, bare_reward = map(jax.device_get, probe(KEY, 0.5, np.tanh(0.5)))
+    ends = np.zeros(NUM_STEPS, bool)
+    ends[EPISODE_LENGTH - 1 :: EPISODE_LENGTH] = True  # steps 4 and 9
+    expected = np.broadcast_to(ends[:, None], (NUM_STEPS, NUM_ENVS)).astype(np.float32)
+    np.testing.assert_array_equal(data["truncation"], expected)
+    np.testing.assert_array_equal(data["episode_done"], expected)
+    np.testing.assert_array_equal(data["termination"], 0.0)  # a time limit is not a terminal
+    for t in range(NUM_STEPS - 1):
+        if ends[t]:
+            # Auto-reset: the next row starts from a reset observation, the true last one is kept.
+            np.testing.assert_allclose(data["obs"][t + 1], reset_obs, atol=1e-6)
+            assert np.all(np.abs(data["next_obs"][t] - data["obs"][t + 1]).max(-1) > 1e-3)
+        else:
+            np.testing.assert_array_equal(data["next_obs"][t], data["obs"][t + 1])
+    # The first episode is exactly the bare task's first EPISODE_LENGTH steps, including the true
+    # observation at the truncation.
+    n = EPISODE_LENGTH
+    np.testing.assert_allclose(data["next_obs"][:n], bare_obs[:n], atol=1e-5)
+    np.testing.assert_allclose(data["reward"][:n], bare_reward[:n], atol=1e-5)
+    # The second episode replays the first one (same start, same constant action).
+    np.testing.assert_allclose(data["next_obs"][n : 2 * n], bare_obs[:n], atol=1e-5)
+
+
+def test_actions_are_squashed_by_tanh(cartpole):
+    _, probe = cartpole
+    n = EPISODE_LENGTH
+    _, huge, bare_one, _ = probe(KEY, 1e6, 1.0)
+    np.testing.assert_allclose(huge["next_obs"][:n], bare_one[:n], atol=1e-5)
+    _, half, bare_tanh_half, _ = probe(KEY, 0.5, np.tanh(0.5))
+    np.testing.assert_allclose(half["next_obs"][:n], bare_tanh_half[:n], atol=1e-5)
+    _, _, bare_half, _ = probe(KEY, 0.5, 0.5)
+    # Control: the action matters, so the matches above are not trivial.
+    assert np.abs(np.asarray(half["next_obs"][:n]) - np.asarray(bare_half[:n])).max() > 1e-4
+
+
+def test_completed_episode_return(cartpole):
+    _, probe = cartpole
+    _, data, _, _ = map(jax.device_get, probe(KEY, -0.2, 0.0))
+    n = EPISODE_LENGTH
+    per_episode = np.concatenate([data["reward"][:n].sum(0), data["reward"][n : 2 * n].sum(0)])
+    done_returns = data["episode_return"][data["episode_done"] == 1]
+    np.testing.assert_allclose(np.sort(done_returns), np.sort(per_episode), rtol=1e-5)
+    mean_return, count = common.completed_episode_return(data)
+    assert int(count) == 2 * NUM_ENVS
+    assert float(mean_return) == pytest.approx(per_episode.mean(), rel=1e-5)
+    first_rows = {k: v[: n - 1] for k, v in data.items()}  # no episode ends in there
+    mean_return, count = common.completed_episode_return(first_rows)
+    assert int(count) == 0 and math.isnan(float(mean_return))
+
+
+def test_evaluator_returns_the_mean_of_each_envs_first_episode(cartpole):
+    env, probe = cartpole
+    # Longer than an episode: rewards after each environment's first episode must not count.
+    evaluate = jax.jit(common.make_evaluator(env, NUM_ENVS, episode_length=EPISODE_LENGTH + 3), static_argnums=0)
+    act = lambda obs: jnp.full((obs.shape[0], env.action_size), 0.7)  # noqa: E731
+    got = float(evaluate(act, KEY))
+    _, data, _, _ = jax.device_get(probe(KEY, 0.7, 0.0))
+    returns = np.zeros(NUM_ENVS)
+    for t in range(EPISODE_LENGTH):  # manual sum over the first episode (same reset key, same action)
+        returns += data["reward"][t]
+    assert got == pytest.approx(returns.mean(), rel=1e-5)
+    assert got != pytest.approx(data["reward"][: EPISODE_LENGTH + 3].sum(0).mean(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, checkpoints, NaN check
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FakeArgs:
+    env_name: str = "CartpoleBalance"
+    seed: int = 7
+    runs_dir: str = "runs"
+    hidden: tuple[int, ...] = (4, 4)
+
+
+def read_csv(path):
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_run_folder_config_csv_tensorboard(tmp_path):
+    run = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
+    assert os.path.dirname(run.dir) == str(tmp_path)
+    assert os.path.basename(run.dir).startswith("CartpoleBalance__algo__7__")
+    with open(os.path.join(run.dir, "config.json")) as f:
+        config = json.load(f)
+    assert config == {"algo": "algo", "env_name": "CartpoleBalance", "seed": 7, "runs_dir": str(tmp_path), "hidden": [4, 4]}
+
+    run.log(10, {"loss/a": 1.5})
+    run.log(20, {"loss/a": 2.5, "eval/return": 7.0})  # a new column rewrites the header
+    run.log(30, {"loss/a": jnp.float32(3.5)})  # appended under the wider header
+    run.log(40, {"loss/a": float("nan"), "eval/return": 9.0})
+    header, rows = read_csv(run.csv_path)
+    assert header == ["step", "wall_time", "loss/a", "eval/return"]
+    assert [r["step"] for r in rows] == ["10", "20", "30", "40"]
+    assert [r["loss/a"] for r in rows] == ["1.5", "2.5", "3.5", "nan"]
+    assert [r["eval/return"] for r in rows] == ["", "7.0", "", "9.0"]
+    assert all(float(r["wall_time"]) >= 0 for r in rows)
+    events = glob.glob(os.path.join(run.dir, "tb", "events.out.tfevents.*"))
+    assert len(events) == 1 and os.path.getsize(events[0]) > 0
+    run.close()
+
+    # Reopening the folder (as --resume does) keeps config and rows; forget_after drops later rows.
+    args_changed = FakeArgs(runs_dir=str(tmp_path), seed=8)
+    again = common.Run(args_changed, "algo", run_dir=run.dir)
+    with open(os.path.join(run.dir, "config.json")) as f:
+        assert json.load(f)["seed"] == 7
+    again.forget_after(20)
+    header, rows = read_csv(again.csv_path)
+    assert header == ["step", "wall_time", "loss/a", "eval/return"]
+    assert [(r["step"], r["loss/a"], r["eval/return"]) for r in rows] == [("10", "1.5", ""), ("20", "2.5", "7.0")]
+    again.log(30, {"loss/a": 4.5, "eval/return": 1.0})
+    again.log(40, {"loss/a": 5.5, "new": 2.0})
+    header, rows = read_csv(again.csv_path)
+    assert header == ["step", "wall_time", "loss/a", "eval/return", "new"]
+    assert [(r["step"], r["loss/a"], r["eval/return"], r["new"]) for r in rows] == [
+        ("10", "1.5", "", ""), ("20", "2.5", "7.0", ""), ("30", "4.5", "1.0", ""), ("40", "5.5", "", "2.0")
+    ]
+    again.close()
+
+
+def test_args_from_run(tmp_path):
+    run = common.Run(FakeArgs(runs_dir=str(tmp_path), seed=3), "algo")
+    run.close()
+    args = common.args_from_run(FakeArgs, run.dir, env_name="Other")
+    assert args == FakeArgs(env_name="Other", seed=3, runs_dir=str(tmp_path), hidden=(4, 4))
+    with pytest.raises(SystemExit, match="not a run folder"):
+        common.args_from_run(FakeArgs, str(tmp_path / "missing"))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    tree = {
+        "params": [{"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}],
+        "norm": common.Normalizer(jnp.float32(5.0), jnp.arange(3.0), jnp.full(3, 2.0)),
+        "step": 1234,
+        "key": jax.random.PRNGKey(9),
+    }
+    path = str(tmp_path / "checkpoints" / "latest.pkl")
+    common.save_checkpoint(path, tree)
+    assert os.listdir(tmp_path / "checkpoints") == ["latest.pkl"]  # no temporary file left
+    loaded = common.load_checkpoint(path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(tree)
+    assert isinstance(loaded["norm"], common.Normalizer)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree)):
+        if isinstance(b, jax.Array):
+            assert isinstance(a, jax.Array) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert int(loaded["step"]) == 1234
+    common.save_checkpoint(path, {"step": 1})  # overwrites
+    assert int(common.load_checkpoint(path)["step"]) == 1
+
+
+class FakeTraining:
+    """`iterate` / `evaluate` / `on_eval` for `run_iterations`, without any environment."""
+
+    def __init__(self, nan_at=None):
+        self.nan_at, self.calls, self.evals, self.saved = nan_at, 0, [], []
+
+    def iterate(self, carry, key):
+        self.calls += 1
+        loss = float("nan") if self.calls == self.nan_at else 1.0 / self.calls
+        return carry + 1, {"loss/total": jnp.float32(loss), "train/episode_return": jnp.float32(carry)}
+
+    def evaluate(self, carry, key):
+        self.evals.append(carry)
+        return jnp.float32(10.0 * carry)
+
+    def on_eval(self, carry, step, key):
+        self.saved.append((carry, step))
+
+
+def test_run_iterations_schedule_logging_and_progress(tmp_path, capsys):
+    run = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
+    fake = FakeTraining()
+    carry, key, step, last_eval = common.run_iterations(
+        run, fake.iterate, 0, jax.random.PRNGKey(0), step=0, end_step=65, steps_per_iteration=10,
+        total_steps=65, eval_every=25, evaluate=fake.evaluate, on_eval=fake.on_eval, stage=1,
+    )
+    run.close()
+    assert (carry, step, last_eval) == (6, 60, 60.0)
+    # Evaluations where the step crosses a multiple of 25, and after the last iteration.
+    assert fake.saved == [(3, 30), (5, 50), (6, 60)] and fake.evals == [3, 5, 6]
+    rows = read_csv(run.csv_path)[1]
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert [r["eval/return"] for r in rows] == ["", "", "30.0", "", "50.0", "60.0"]
+    assert [float(r["loss/total"]) for r in rows] == pytest.approx([1 / i for i in range(1, 7)])
+    assert all(r["stage"] == "1.0" for r in rows) and all(float(r["perf/steps_per_second"]) > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "step 60/65" in out and "eval_return 60.00" in out and "stage 1" in out
+
+
+def test_run_iterations_stops_on_nan_and_keeps_the_last_checkpoint(tmp_path):
+    run = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
+    fake = FakeTraining(nan_at=3)
+    with pytest.raises(FloatingPointError, match="loss/total.*stage 2, step 20"):
+        common.run_iterations(
+            run, fake.iterate, 0, jax.random.PRNGKey(0), step=0, end_step=100, steps_per_iteration=10,
+            total_steps=100, eval_every=10, evaluate=fake.evaluate, on_eval=fake.on_eval, stage=2,
+        )
+    run.close()
+    assert fake.saved == [(1, 10), (2, 20)]  # nothing saved after the NaN
+    assert [int(r["step"]) for r in read_csv(run.csv_path)[1]] == [10, 20]
+
+
+def test_check_finite_names_the_loss_and_place():
+    common.check_finite({"loss/a": 1.0, "loss/b": np.float32(-2.0)}, "step 10")
+    with pytest.raises(FloatingPointError) as error:
+        common.check_finite({"loss/ok": 1.0, "loss/value": float("nan"), "loss/policy": np.inf}, "stage 2, step 1,000")
+    message = str(error.value)
+    assert "loss/value" in message and "loss/policy" in message and "loss/ok" not in message
+    assert "stage 2, step 1,000" in message

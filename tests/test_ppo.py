@@ -1,0 +1,239 @@
+"""Tests of ppo.py: the loss, flag validation and --help, and a small end-to-end run + resume."""
+
+import ast
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+import ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+LOSS_KEYS = {"loss/total", "loss/policy", "loss/value", "policy/entropy", "policy/clip_fraction"}
+
+
+def random_batch(params, key, n=64, obs_size=5):
+    """A batch whose actions and log-probabilities come from the policy at `params`."""
+    k_obs, k_act, k_adv, k_target = jax.random.split(key, 4)
+    obs = jax.random.normal(k_obs, (n, obs_size))
+    mean, scale = ppo.actor(params["actor"], obs)
+    action = mean + scale * jax.random.normal(k_act, mean.shape)
+    return {
+        "obs": obs,
+        "action": action,
+        "log_prob": common.gaussian_log_prob(action, mean, scale),
+        "advantage": jax.random.normal(k_adv, (n,)) * 3 + 1,
+        "target": jax.random.normal(k_target, (n,)),
+    }
+
+
+def test_ppo_loss_at_the_rollout_parameters():
+    args = ppo.Args(actor_hidden=(16, 16), critic_hidden=(16, 16))
+    params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
+    batch = random_batch(params, jax.random.PRNGKey(1))
+    loss_and_grad = jax.jit(lambda p, b: jax.value_and_grad(ppo.ppo_loss, has_aux=True)(p, b, args))
+    (loss, metrics), grads = loss_and_grad(params, batch)
+    assert set(metrics) == LOSS_KEYS
+    assert loss.shape == () and all(v.shape == () for v in metrics.values())
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    # Ratio 1 everywhere: nothing clipped, and the surrogate is minus the mean normalized advantage (0).
+    assert float(metrics["policy/clip_fraction"]) == 0.0
+    assert float(metrics["loss/policy"]) == pytest.approx(0.0, abs=1e-5)
+    # The parts add up as documented.
+    values = ppo.critic(params["critic"], batch["obs"])
+    assert values.shape == (64,)
+    assert float(metrics["loss/value"]) == pytest.approx(0.5 * float(jnp.mean((values - batch["target"]) ** 2)), rel=1e-5)
+    _, scale = ppo.actor(params["actor"], batch["obs"])
+    assert float(metrics["policy/entropy"]) == pytest.approx(float(common.gaussian_entropy(scale).mean()), rel=1e-5)
+    total = metrics["loss/policy"] + args.vf_coef * metrics["loss/value"] - args.ent_coef * metrics["policy/entropy"]
+    assert float(loss) == float(metrics["loss/total"]) == pytest.approx(float(total), rel=1e-5, abs=1e-6)
+
+
+def test_ppo_loss_clips_away_from_the_rollout_parameters():
+    args = ppo.Args(actor_hidden=(16, 16), critic_hidden=(16, 16))
+    params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
+    batch = random_batch(params, jax.random.PRNGKey(1))
+    batch["log_prob"] = batch["log_prob"] + jnp.where(jnp.arange(64) % 2 == 0, 1.0, 0.0)  # ratio e^-1 on half
+    _, metrics = ppo.ppo_loss(params, batch, args)
+    assert float(metrics["policy/clip_fraction"]) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: validation before compiling, --help
+# ---------------------------------------------------------------------------------------------
+
+BAD_FLAGS = {
+    "unknown task": (["--env-name", "NoSuchTask"], ["NoSuchTask", "CartpoleBalance", "HopperStand"]),
+    "batch does not divide": (["--batch-size", "1000"], ["--batch-size", "--num-envs", "multiple"]),
+    "budget below one iteration": (["--total-timesteps", "1000"], ["--total-timesteps", "less than one iteration"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Run `ppo.py --help` and each bad-flag command at the same time (each pays the imports)."""
+    runs_dir = str(tmp_path_factory.mktemp("cli_runs"))
+    env = {**os.environ, "COLUMNS": "400", "JAX_PLATFORMS": "cpu"}
+    commands = {"help": ["--help"]}
+    commands.update({name: [*flags, "--runs-dir", runs_dir] for name, (flags, _) in BAD_FLAGS.items()})
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "ppo.py", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, flags in commands.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=300)  # generous: CI machines can be loaded
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = (proc.returncode, out, err)
+    return results, runs_dir
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_exit_with_a_message_before_compiling(cli, case):
+    results, runs_dir = cli
+    returncode, out, err = results[case]
+    assert returncode not in (0, None, -9), (returncode, out, err)
+    assert "Traceback" not in err
+    for needle in BAD_FLAGS[case][1]:
+        assert needle in err, (needle, err)
+    assert os.listdir(runs_dir) == []  # stopped before creating a run folder (or compiling anything)
+
+
+def test_validate_accepts_the_defaults_and_reports_every_problem():
+    ppo.validate(ppo.Args())
+    assert ppo.steps_per_iteration(ppo.Args()) == 983_040
+    with pytest.raises(SystemExit) as error:
+        ppo.validate(ppo.Args(env_name="NoSuchTask", batch_size=1000, total_timesteps=10))
+    message = str(error.value)
+    assert "NoSuchTask" in message and "--batch-size" in message and "--total-timesteps" in message
+
+
+def args_docstrings():
+    """{field: docstring} from the source of `ppo.Args` (the string literal under each field)."""
+    tree = ast.parse(open(os.path.join(ROOT, "ppo.py")).read())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args"]
+    docs = {}
+    for node, following in zip(cls.body, cls.body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign):
+            is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            docs[node.target.id] = following.value.value if is_doc else None
+    return docs
+
+
+def test_every_args_field_has_a_one_line_docstring_shown_by_help(cli):
+    docs = args_docstrings()
+    assert set(docs) == {f.name for f in dataclasses.fields(ppo.Args)}
+    returncode, out, err = cli[0]["help"]
+    assert returncode == 0, err
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())  # tolerate line wrapping and boxes
+    for name, doc in docs.items():
+        assert doc and "\n" not in doc.strip(), f"Args.{name} needs a one-line docstring"
+        assert f"--{name.replace('_', '-')}" in flat, name
+        assert " ".join(doc.split()) in flat, (name, doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: two iterations, then resume to three
+# ---------------------------------------------------------------------------------------------
+
+SMALL = dict(
+    env_name="CartpoleBalance",
+    num_envs=16,
+    batch_size=16,
+    num_minibatches=2,
+    unroll_length=10,
+    num_epochs=2,
+    num_eval_envs=4,
+)
+ITERATION = 16 * 2 * 10  # batch_size * num_minibatches * unroll_length environment steps
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    runs_dir = str(tmp_path_factory.mktemp("runs"))
+    args = ppo.Args(**SMALL, total_timesteps=2 * ITERATION, eval_every=ITERATION, runs_dir=runs_dir)
+    assert ppo.steps_per_iteration(args) == ITERATION
+    ppo.main(args)
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
+    return run_dir
+
+
+def test_run_folder_contents(first_run):
+    run_dir = first_run
+    assert os.path.basename(run_dir).startswith("CartpoleBalance__ppo__1__")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["algo"] == "ppo" and config["total_timesteps"] == 2 * ITERATION
+    assert config["num_envs"] == 16 and config["actor_hidden"] == [32, 32, 32, 32]
+
+    rows = read_csv(os.path.join(run_dir, "metrics.csv"))
+    assert [int(r["step"]) for r in rows] == [ITERATION, 2 * ITERATION]
+    for row in rows:
+        for column in ("eval/return", "loss/total", "loss/policy", "loss/value", "policy/entropy"):
+            assert math.isfinite(float(row[column])), (column, row)
+        assert 0 < float(row["eval/return"]) <= 1000  # CartpoleBalance: reward in [0, 1] per step
+        assert 0 <= float(row["policy/clip_fraction"]) <= 1
+    assert glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))
+
+    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"))
+    assert set(checkpoint) == {"params", "opt_state", "norm", "step", "key"}
+    assert int(checkpoint["step"]) == 2 * ITERATION
+    assert float(checkpoint["norm"].count) == 2 * ITERATION  # every observation of both iterations
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(checkpoint["params"]))
+    assert checkpoint["params"]["actor"][0]["w"].shape == (5, 32)
+
+
+def test_resume_continues_from_the_checkpoint(first_run):
+    run_dir = first_run
+    before = read_csv(os.path.join(run_dir, "metrics.csv"))
+    # Ask for a third iteration, and simulate an interruption after a row that had no checkpoint.
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["total_timesteps"] = 3 * ITERATION
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(run_dir, "metrics.csv"), "a", newline="") as f:
+        writer = csv.DictWriter(f, list(before[0]))
+        writer.writerow({**before[-1], "step": 3 * ITERATION, "loss/total": 12345.0})
+
+    ppo.main(ppo.Args(resume=run_dir))  # every other flag comes from config.json
+
+    assert glob.glob(os.path.join(os.path.dirname(run_dir), "*")) == [run_dir]  # no new run folder
+    rows = read_csv(os.path.join(run_dir, "metrics.csv"))
+    assert [int(r["step"]) for r in rows] == [ITERATION, 2 * ITERATION, 3 * ITERATION]
+    for old, new in zip(before, rows):
+        assert {k: new[k] for k in old} == old  # earlier rows kept as they were
+    assert float(rows[-1]["loss/total"]) != 12345.0
+    assert math.isfinite(float(rows[-1]["eval/return"]))
+    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"))
+    assert int(checkpoint["step"]) == 3 * ITERATION
+    assert float(checkpoint["norm"].count) == 3 * ITERATION  # the normalizer was restored, not reset
