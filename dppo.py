@@ -1,0 +1,379 @@
+"""Diffusion Policy Policy Optimization (DPPO, Ren et al., 2024), a baseline of the GoRL paper, in JAX + MJX.
+
+The policy is a conditional diffusion model over the pre-squash action (the environment receives
+`tanh(a)`): starting from `x_K ~ N(0, I)`, each of the K = 10 denoising steps draws
+`x_{k-1} ~ N(mu_theta(x_k, k, s), sigma^2 I)`, with `mu_theta` the DDPM posterior mean built from
+an epsilon-prediction network and a cosine schedule. Those steps form an inner MDP whose
+transitions have analytic Gaussian likelihoods, so the rollout records the whole chain
+x_K, ..., x_0 and PPO runs on the chain's log-likelihood, the sum of the per-step log-densities
+(the environment's advantage is shared by every step). The rest is the PPO pipeline of ppo.py
+(GoRL paper Appendix E, Tables 3-4): clip 0.2, learning rate 3e-4, no entropy term.
+
+    python dppo.py --env-name HopperStand --seed 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+
+import common
+
+
+@dataclasses.dataclass
+class Args:
+    env_name: str = "HopperStand"
+    """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
+    seed: int = 1
+    """random seed"""
+    impl: str = "jax"
+    """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    total_timesteps: int = 180_000_000
+    """environment steps to train for"""
+    num_envs: int = 2048
+    """parallel environments"""
+    unroll_length: int = 30
+    """length of one collected sequence (Brax's unroll_length)"""
+    batch_size: int = 1024
+    """sequences per minibatch"""
+    num_minibatches: int = 32
+    """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
+    num_epochs: int = 16
+    """optimization epochs over each iteration's data"""
+    learning_rate: float = 3e-4
+    """Adam learning rate (diffusion policy and critic)"""
+    max_grad_norm: float | None = None
+    """clip the global gradient norm to this value (None: no clipping, as in Brax PPO)"""
+    discount: float = 0.995
+    """discount factor gamma"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_eps: float = 0.2
+    """PPO ratio clipping"""
+    max_log_ratio: float = 20.0
+    """clip the chain's log-ratio to [-this, this] before exp, only so that it stays finite"""
+    vf_coef: float = 0.25
+    """value loss coefficient"""
+    reward_scaling: float = 10.0
+    """multiply rewards by this for learning (returns are reported unscaled)"""
+    num_denoising_steps: int = 10
+    """K, the denoising steps (cosine schedule) that form the inner MDP"""
+    denoising_std: float = 0.05
+    """sigma, the fixed standard deviation of every denoising step's Gaussian"""
+    denoised_clip: float = 3.0
+    """the network's estimate of the clean action x_0 is clipped to [-this, this] (tanh(3) = 0.995)"""
+    actor_hidden: tuple[int, ...] = (32, 32, 32, 32)
+    """epsilon-prediction network hidden layer widths (SiLU)"""
+    critic_hidden: tuple[int, ...] = (256, 256, 256, 256, 256)
+    """critic hidden layer widths (SiLU)"""
+    eval_every: int = 6_000_000
+    """evaluate every this many environment steps"""
+    num_eval_envs: int = 128
+    """environments in one evaluation (one full episode each, deterministic policy)"""
+    runs_dir: str = "runs"
+    """where run folders are created"""
+    resume: str | None = None
+    """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
+
+
+def steps_per_iteration(args: Args) -> int:
+    return args.batch_size * args.num_minibatches * args.unroll_length
+
+
+def validate(args: Args) -> None:
+    """Reject bad flag values before anything is compiled."""
+    sequences = args.batch_size * args.num_minibatches
+    common.check_args([
+        common.env_name_check(args.env_name),
+        (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
+        (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
+         "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
+        (sequences % args.num_envs == 0,
+         f"--batch-size * --num-minibatches = {sequences} sequences per iteration must be a multiple of "
+         f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
+        (args.total_timesteps >= steps_per_iteration(args),
+         f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
+         f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
+        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
+        (args.num_denoising_steps > 0, "--num-denoising-steps must be positive"),
+        (args.denoising_std > 0 and args.denoised_clip > 0,
+         "--denoising-std and --denoised-clip must be positive"),
+        (args.clip_eps > 0 and args.max_log_ratio > 0, "--clip-eps and --max-log-ratio must be positive"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Cosine noise schedule (Nichol & Dhariwal, 2021)
+# ---------------------------------------------------------------------------------------------
+
+
+def cosine_schedule(num_steps: int, s: float = 0.008) -> dict[str, np.ndarray]:
+    """beta_k, alpha_k and alpha_bar_k for k = 1..K (array index k - 1), and alpha_bar_{k-1}.
+
+    alpha_bar(k) = f(k) / f(0), f(k) = cos^2(((k / K + s) / (1 + s)) pi / 2); betas capped at
+    0.999 because f(K) = 0 would make the last one exactly 1 (no signal left to denoise from).
+    """
+    k = np.arange(num_steps + 1) / num_steps
+    f = np.cos((k + s) / (1 + s) * np.pi / 2) ** 2
+    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    alphas = 1.0 - betas
+    alpha_bars = np.cumprod(alphas)  # recomputed from the capped betas, so the chain is consistent
+    alpha_bars_prev = np.concatenate([[1.0], alpha_bars[:-1]])
+    return {"beta": betas, "alpha": alphas, "alpha_bar": alpha_bars, "alpha_bar_prev": alpha_bars_prev}
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: an epsilon-prediction network eps(x_k, k, s) (the diffusion policy) and a critic
+# ---------------------------------------------------------------------------------------------
+
+# Periods 2, 1, 1/2, 1/4 over k / K in [0, 1]: the finest still separates neighbouring steps.
+TIME_FREQUENCIES = np.pi * 2.0 ** np.arange(4)
+TIME_EMBEDDING_SIZE = 2 * len(TIME_FREQUENCIES)
+
+
+def time_embedding(t):
+    """Sinusoidal embedding of t in [0, 1]: [..., ] -> [..., 8]."""
+    angles = t[..., None] * TIME_FREQUENCIES
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def init_params(key, obs_size: int, action_size: int, args: Args):
+    k_actor, k_critic = jax.random.split(key)
+    return {
+        "actor": common.mlp_init(
+            k_actor, [obs_size + action_size + TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
+        ),
+        "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1]),
+    }
+
+
+def predict_noise(params, obs, x_k, k, num_steps: int):
+    """eps_theta(x_k, k, s), the input being [normalized obs, x_k, embedding of k / K]."""
+    t = jnp.broadcast_to(k / num_steps, x_k.shape[:-1])
+    return common.mlp_apply(params, jnp.concatenate([obs, x_k, time_embedding(t)], axis=-1))
+
+
+def critic(params, obs):
+    return common.mlp_apply(params, obs)[..., 0]
+
+
+def denoising_mean(params, obs, x_k, k, args: Args):
+    """mu_theta(x_k, k, s): the DDPM posterior mean of q(x_{k-1} | x_k, x_0) (Ho et al. 2020, Eq. 7)
+    at the network's estimate x_0 = (x_k - sqrt(1 - alpha_bar_k) eps) / sqrt(alpha_bar_k).
+
+    `k` (1..K) may be an array broadcasting against x_k's leading axes. The estimate is clipped,
+    as DPPO clips it to the action bounds: at k = K, alpha_bar_K ~ 2e-5 and an unclipped estimate
+    would amplify the network's error about 200 times.
+    """
+    sched = {name: jnp.asarray(v, jnp.float32)[k - 1][..., None] for name, v in
+             cosine_schedule(args.num_denoising_steps).items()}
+    eps = predict_noise(params, obs, x_k, k, args.num_denoising_steps)
+    x_0 = (x_k - jnp.sqrt(1.0 - sched["alpha_bar"]) * eps) / jnp.sqrt(sched["alpha_bar"])
+    x_0 = jnp.clip(x_0, -args.denoised_clip, args.denoised_clip)
+    coef_x0 = jnp.sqrt(sched["alpha_bar_prev"]) * sched["beta"] / (1.0 - sched["alpha_bar"])
+    coef_xk = jnp.sqrt(sched["alpha"]) * (1.0 - sched["alpha_bar_prev"]) / (1.0 - sched["alpha_bar"])
+    return coef_x0 * x_0 + coef_xk * x_k
+
+
+# The "diffusion noise scale sigma_t = 0.05" of the GoRL paper (Appendix E.3) is read as a fixed
+# standard deviation for every denoising step's Gaussian, rather than the DDPM posterior std
+# floored at a minimum (DPPO's released configurations use such a floor): the policy's randomness then comes mostly from x_K,
+# and each step's likelihood is that of a narrow Gaussian around mu_theta.
+
+
+def denoise(params, obs, x_K, noise, args: Args):
+    """Run the K denoising steps from x_K with the given standard-normal noise [K, ..., A].
+
+    Returns the chain [..., K + 1, A] in sampling order (x_K, ..., x_0; the action is the last
+    entry) and its log-likelihood [...], the sum of the K per-step Gaussian log-densities.
+    """
+
+    def step(x_k, inputs):
+        k, z = inputs
+        mean = denoising_mean(params, obs, x_k, k, args)
+        x_prev = mean + args.denoising_std * z
+        log_prob = common.gaussian_log_prob(x_prev, mean, jnp.full_like(mean, args.denoising_std))
+        return x_prev, (x_prev, log_prob)
+
+    ks = jnp.arange(args.num_denoising_steps, 0, -1)
+    _, (xs, log_probs) = jax.lax.scan(step, x_K, (ks, noise))
+    chain = jnp.concatenate([x_K[None], xs], axis=0)
+    return jnp.moveaxis(chain, 0, -2), log_probs.sum(axis=0)
+
+
+def chain_log_prob(params, obs, chain, args: Args):
+    """log p_theta(x_{K-1}, ..., x_0 | x_K, s) = sum_k log N(x_{k-1}; mu_theta(x_k, k, s), sigma^2 I)
+    (DPPO's denoising-MDP likelihood), all K steps evaluated in one batched network call.
+
+    obs [..., O], chain [..., K + 1, A] -> [...]."""
+    num_steps = args.num_denoising_steps
+    x_k, x_prev = chain[..., :-1, :], chain[..., 1:, :]
+    ks = jnp.arange(num_steps, 0, -1)
+    obs = jnp.broadcast_to(obs[..., None, :], (*x_k.shape[:-1], obs.shape[-1]))
+    mean = denoising_mean(params, obs, x_k, ks, args)
+    log_probs = common.gaussian_log_prob(x_prev, mean, jnp.full_like(mean, args.denoising_std))
+    return log_probs.sum(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+def dppo_loss(params, batch, args: Args):
+    """Clipped surrogate on the chain's likelihood ratio + value regression; no entropy term.
+
+    The ratio is that of the whole chain, exp(sum_k log-ratio_k), with the environment step's
+    advantage; DPPO's code instead clips each step's ratio separately.
+    """
+    log_prob = chain_log_prob(params["actor"], batch["obs"], batch["chain"], args)
+    # Steps with sigma = 0.05 make the chain's log-ratio move fast; the clip only keeps exp() finite.
+    log_ratio = jnp.clip(log_prob - batch["log_prob"], -args.max_log_ratio, args.max_log_ratio)
+    policy_loss, clip_fraction = common.clipped_surrogate(log_ratio, batch["advantage"], args.clip_eps)
+    value_loss = 0.5 * jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    loss = policy_loss + args.vf_coef * value_loss
+    return loss, {
+        "loss/total": loss,
+        "loss/policy": policy_loss,
+        "loss/value": value_loss,
+        "policy/log_ratio": log_ratio.mean(),
+        "policy/clip_fraction": clip_fraction,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One training iteration: rollout, advantages, minibatch epochs (all under one jit)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_policy(actor_params, norm, args: Args):
+    """Sampling policy for the rollout: the action x_0, the whole chain and its log-likelihood."""
+
+    def policy(obs, key):
+        k_start, k_noise = jax.random.split(key)
+        obs = common.normalize(norm, obs)
+        action_size = actor_params[-1]["b"].shape[0]
+        x_K = jax.random.normal(k_start, (*obs.shape[:-1], action_size))
+        noise = jax.random.normal(k_noise, (args.num_denoising_steps, *x_K.shape))
+        chain, log_prob = denoise(actor_params, obs, x_K, noise, args)
+        return chain[..., -1, :], {"chain": chain, "log_prob": log_prob}
+
+    return policy
+
+
+def make_train_iteration(env, optimizer, args: Args):
+    rollout_steps = steps_per_iteration(args) // args.num_envs
+
+    def update(carry, batch):
+        params, opt_state = carry
+        grads, metrics = jax.grad(dppo_loss, has_aux=True)(params, batch, args)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), metrics
+
+    def train_iteration(state, key):
+        params, opt_state, norm, env_state = state
+        k_rollout, k_sgd = jax.random.split(key)
+        policy = make_policy(params["actor"], norm, args)
+        env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps)
+        advantages, targets = common.value_targets(
+            lambda obs: critic(params["critic"], common.normalize(norm, obs)),
+            data, args.reward_scaling, args.discount, args.gae_lambda,
+        )
+        batch = {
+            "obs": common.normalize(norm, data["obs"]),
+            "chain": data["chain"],
+            "log_prob": data["log_prob"],
+            "advantage": advantages,
+            "target": targets,
+        }
+        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+        (params, opt_state), metrics = common.minibatch_sgd(
+            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches
+        )
+        # Updated after the epochs, so the ratio above compares against the exact rollout policy.
+        norm = common.normalizer_update(norm, data["obs"])
+        metrics["train/episode_return"], _ = common.completed_episode_return(data)
+        return (params, opt_state, norm, env_state), metrics
+
+    return train_iteration
+
+
+def main(args: Args) -> None:
+    if args.resume:
+        args = common.args_from_run(Args, args.resume, resume=args.resume)
+    validate(args)
+
+    env = common.make_env(args.env_name, args.impl)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
+        optax.adam(args.learning_rate),
+    )
+    run = common.Run(args, "dppo", run_dir=args.resume)
+
+    key = jax.random.PRNGKey(args.seed)
+    key, k_init, k_env = jax.random.split(key, 3)
+    params = init_params(k_init, env.observation_size, env.action_size, args)
+    checkpoint = {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "norm": common.normalizer_init(env.observation_size),
+        "step": 0,
+        "key": key,
+    }
+    if args.resume:
+        checkpoint = common.load_checkpoint(run.checkpoint_path("latest.pkl"))
+        print(f"resuming from step {int(checkpoint['step']):,}")
+        run.forget_after(int(checkpoint["step"]))
+    key, step = checkpoint["key"], int(checkpoint["step"])
+
+    env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
+    state = (checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"], env_state)
+    train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    evaluator = common.make_evaluator(env, args.num_eval_envs)
+
+    @jax.jit
+    def evaluate(state, key):
+        params, _, norm, _ = state
+
+        # Deterministic policy: start from the noise's mean, x_K = 0, and inject no noise in the
+        # denoising steps, so the action is the chain of means.
+        def act(obs):
+            obs = common.normalize(norm, obs)
+            x_K = jnp.zeros((*obs.shape[:-1], env.action_size))
+            noise = jnp.zeros((args.num_denoising_steps, *x_K.shape))
+            return denoise(params["actor"], obs, x_K, noise, args)[0][..., -1, :]
+
+        return evaluator(act, key)
+
+    def save(state, step, key):
+        params, opt_state, norm, _ = state
+        common.save_checkpoint(
+            run.checkpoint_path("latest.pkl"),
+            {"params": params, "opt_state": opt_state, "norm": norm, "step": step, "key": key},
+        )
+
+    start = time.time()
+    try:
+        state, key, step, final_return = common.run_iterations(
+            run, train_iteration, state, key,
+            step=step, end_step=args.total_timesteps, steps_per_iteration=steps_per_iteration(args),
+            total_steps=args.total_timesteps, eval_every=args.eval_every, evaluate=evaluate,
+            on_eval=save,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: python dppo.py --resume {run.dir}")
+        raise
+    finally:
+        run.close()
+    print(f"done: {step:,} steps in {time.time() - start:.0f}s, final evaluation return {final_return:.1f}")
+    print(f"run folder: {run.dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

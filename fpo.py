@@ -1,0 +1,329 @@
+"""Flow Policy Optimization (FPO, McAllister et al., 2025), a baseline of the GoRL paper, in JAX + MJX.
+
+The policy is a conditional flow: a velocity network `v(x_t, t, s)` carries noise `x_0 ~ N(0, I)`
+to the pre-squash action `x_1 = a` in 10 Euler steps; the environment receives `tanh(a)`. Its
+likelihood is intractable, so PPO's ratio pi_new / pi_old is replaced by
+`exp(L_cfm_old - L_cfm_new)`, the conditional flow matching (CFM) losses of the sampled action
+estimated with 8 (t, eps) pairs drawn at rollout time. The rest is the PPO pipeline of ppo.py
+(GoRL paper Appendix E, Tables 3-4): same rollout, GAE, critic and minibatch epochs; clip 0.05,
+learning rate 3e-4, no entropy term (a flow policy has no cheap entropy).
+
+    python fpo.py --env-name HopperStand --seed 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+
+import common
+
+
+@dataclasses.dataclass
+class Args:
+    env_name: str = "HopperStand"
+    """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
+    seed: int = 1
+    """random seed"""
+    impl: str = "jax"
+    """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    total_timesteps: int = 180_000_000
+    """environment steps to train for"""
+    num_envs: int = 2048
+    """parallel environments"""
+    unroll_length: int = 30
+    """length of one collected sequence (Brax's unroll_length)"""
+    batch_size: int = 1024
+    """sequences per minibatch"""
+    num_minibatches: int = 32
+    """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
+    num_epochs: int = 16
+    """optimization epochs over each iteration's data"""
+    learning_rate: float = 3e-4
+    """Adam learning rate (flow policy and critic)"""
+    max_grad_norm: float | None = None
+    """clip the global gradient norm to this value (None: no clipping, as in Brax PPO)"""
+    discount: float = 0.995
+    """discount factor gamma"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_eps: float = 0.05
+    """clipping of the FPO ratio (FPO's recommendation for stability)"""
+    max_log_ratio: float = 5.0
+    """clip L_cfm_old - L_cfm_new to [-this, this] before exp (keeps it finite; caps one sample's weight)"""
+    vf_coef: float = 0.25
+    """value loss coefficient"""
+    reward_scaling: float = 10.0
+    """multiply rewards by this for learning (returns are reported unscaled)"""
+    num_flow_steps: int = 10
+    """Euler steps from noise x_0 to the action x_1"""
+    num_cfm_samples: int = 8
+    """(t, eps) pairs per action estimating its CFM loss"""
+    actor_hidden: tuple[int, ...] = (32, 32, 32, 32)
+    """velocity network hidden layer widths (SiLU)"""
+    critic_hidden: tuple[int, ...] = (256, 256, 256, 256, 256)
+    """critic hidden layer widths (SiLU)"""
+    eval_every: int = 6_000_000
+    """evaluate every this many environment steps"""
+    num_eval_envs: int = 128
+    """environments in one evaluation (one full episode each, deterministic policy)"""
+    runs_dir: str = "runs"
+    """where run folders are created"""
+    resume: str | None = None
+    """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
+
+
+def steps_per_iteration(args: Args) -> int:
+    return args.batch_size * args.num_minibatches * args.unroll_length
+
+
+def validate(args: Args) -> None:
+    """Reject bad flag values before anything is compiled."""
+    sequences = args.batch_size * args.num_minibatches
+    common.check_args([
+        common.env_name_check(args.env_name),
+        (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
+        (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
+         "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
+        (sequences % args.num_envs == 0,
+         f"--batch-size * --num-minibatches = {sequences} sequences per iteration must be a multiple of "
+         f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
+        (args.total_timesteps >= steps_per_iteration(args),
+         f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
+         f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
+        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
+        (args.num_flow_steps > 0 and args.num_cfm_samples > 0,
+         "--num-flow-steps and --num-cfm-samples must be positive"),
+        (args.clip_eps > 0 and args.max_log_ratio > 0, "--clip-eps and --max-log-ratio must be positive"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: a velocity field v(x_t, t, s) (the flow policy) and a critic
+# ---------------------------------------------------------------------------------------------
+
+# Periods 2, 1, 1/2, 1/4 over t in [0, 1]: the coarse terms tell early from late in the flow,
+# the fine ones resolve single Euler steps (dt = 0.1).
+TIME_FREQUENCIES = np.pi * 2.0 ** np.arange(4)
+TIME_EMBEDDING_SIZE = 2 * len(TIME_FREQUENCIES)
+
+
+def time_embedding(t):
+    """Sinusoidal embedding of t in [0, 1]: [..., ] -> [..., 8]."""
+    angles = t[..., None] * TIME_FREQUENCIES
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def init_params(key, obs_size: int, action_size: int, args: Args):
+    k_actor, k_critic = jax.random.split(key)
+    return {
+        "actor": common.mlp_init(
+            k_actor, [obs_size + action_size + TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
+        ),
+        "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1]),
+    }
+
+
+def velocity(params, obs, x_t, t):
+    """v(x_t, t, s), the input being [normalized obs, x_t, embedding of t]."""
+    return common.mlp_apply(params, jnp.concatenate([obs, x_t, time_embedding(t)], axis=-1))
+
+
+def critic(params, obs):
+    return common.mlp_apply(params, obs)[..., 0]
+
+
+def sample_action(params, obs, x_0, num_steps: int):
+    """Euler integration of dx/dt = v(x, t, s) from x_0 at t = 0 to the action x_1."""
+    dt = 1.0 / num_steps
+
+    def euler_step(x, i):
+        t = jnp.full(x.shape[:-1], i * dt)
+        return x + dt * velocity(params, obs, x, t), None
+
+    x_1, _ = jax.lax.scan(euler_step, x_0, jnp.arange(num_steps))
+    return x_1
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def cfm_losses(params, obs, action, t, eps):
+    """Per-pair conditional flow matching loss (FPO's l_theta(tau, eps); the path of GoRL Eq. 6):
+    ||v(x_t, t, s) - (a - eps)||^2 with x_t = (1 - t) eps + t a.
+
+    obs [..., O], action [..., A], t [..., N], eps [..., N, A] -> [..., N]."""
+    a = action[..., None, :]
+    x_t = (1.0 - t[..., None]) * eps + t[..., None] * a
+    obs = jnp.broadcast_to(obs[..., None, :], (*eps.shape[:-1], obs.shape[-1]))
+    return jnp.sum((velocity(params, obs, x_t, t) - (a - eps)) ** 2, axis=-1)
+
+
+def fpo_log_ratio(params, batch, max_log_ratio: float):
+    """log of FPO's ratio estimate r = exp(L_old - L_new), L = (1/N) sum_i l(t_i, eps_i) (McAllister et al.).
+
+    The pairs and the old losses were stored at rollout time, so with unchanged parameters this
+    is exactly 0. The losses are averaged over pairs before the exponential, as FPO defines it.
+    The clip keeps exp() finite and stops a single negative-advantage sample whose surrogate
+    ratio ran away (e^5 ~ 148, far outside the 1 +- 0.05 band) from dominating a minibatch.
+    """
+    new = cfm_losses(params, batch["obs"], batch["action"], batch["cfm_t"], batch["cfm_eps"])
+    log_ratio = batch["cfm_loss"].mean(axis=-1) - new.mean(axis=-1)
+    return jnp.clip(log_ratio, -max_log_ratio, max_log_ratio), new
+
+
+def fpo_loss(params, batch, args: Args):
+    """PPO's clipped surrogate with the FPO ratio + value regression; no entropy term."""
+    log_ratio, cfm_new = fpo_log_ratio(params["actor"], batch, args.max_log_ratio)
+    policy_loss, clip_fraction = common.clipped_surrogate(log_ratio, batch["advantage"], args.clip_eps)
+    value_loss = 0.5 * jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    loss = policy_loss + args.vf_coef * value_loss
+    return loss, {
+        "loss/total": loss,
+        "loss/policy": policy_loss,
+        "loss/value": value_loss,
+        "policy/cfm_loss": cfm_new.mean(),
+        "policy/log_ratio": log_ratio.mean(),
+        "policy/clip_fraction": clip_fraction,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One training iteration: rollout, advantages, minibatch epochs (all under one jit)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_policy(actor_params, norm, args: Args):
+    """Sampling policy for the rollout: an action from noise, plus its (t, eps) pairs and old CFM losses."""
+
+    def policy(obs, key):
+        k_x0, k_t, k_eps = jax.random.split(key, 3)
+        obs = common.normalize(norm, obs)
+        action_size = actor_params[-1]["b"].shape[0]
+        x_0 = jax.random.normal(k_x0, (*obs.shape[:-1], action_size))
+        action = sample_action(actor_params, obs, x_0, args.num_flow_steps)
+        t = jax.random.uniform(k_t, (*obs.shape[:-1], args.num_cfm_samples))
+        eps = jax.random.normal(k_eps, (*obs.shape[:-1], args.num_cfm_samples, action_size))
+        return action, {"cfm_t": t, "cfm_eps": eps, "cfm_loss": cfm_losses(actor_params, obs, action, t, eps)}
+
+    return policy
+
+
+def make_train_iteration(env, optimizer, args: Args):
+    rollout_steps = steps_per_iteration(args) // args.num_envs
+
+    def update(carry, batch):
+        params, opt_state = carry
+        grads, metrics = jax.grad(fpo_loss, has_aux=True)(params, batch, args)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), metrics
+
+    def train_iteration(state, key):
+        params, opt_state, norm, env_state = state
+        k_rollout, k_sgd = jax.random.split(key)
+        policy = make_policy(params["actor"], norm, args)
+        env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps)
+        advantages, targets = common.value_targets(
+            lambda obs: critic(params["critic"], common.normalize(norm, obs)),
+            data, args.reward_scaling, args.discount, args.gae_lambda,
+        )
+        batch = {
+            "obs": common.normalize(norm, data["obs"]),
+            "action": data["action"],
+            "cfm_t": data["cfm_t"],
+            "cfm_eps": data["cfm_eps"],
+            "cfm_loss": data["cfm_loss"],
+            "advantage": advantages,
+            "target": targets,
+        }
+        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+        (params, opt_state), metrics = common.minibatch_sgd(
+            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches
+        )
+        # Updated after the epochs, so the old CFM losses stay those of the exact rollout inputs.
+        norm = common.normalizer_update(norm, data["obs"])
+        metrics["train/episode_return"], _ = common.completed_episode_return(data)
+        return (params, opt_state, norm, env_state), metrics
+
+    return train_iteration
+
+
+def main(args: Args) -> None:
+    if args.resume:
+        args = common.args_from_run(Args, args.resume, resume=args.resume)
+    validate(args)
+
+    env = common.make_env(args.env_name, args.impl)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
+        optax.adam(args.learning_rate),
+    )
+    run = common.Run(args, "fpo", run_dir=args.resume)
+
+    key = jax.random.PRNGKey(args.seed)
+    key, k_init, k_env = jax.random.split(key, 3)
+    params = init_params(k_init, env.observation_size, env.action_size, args)
+    checkpoint = {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "norm": common.normalizer_init(env.observation_size),
+        "step": 0,
+        "key": key,
+    }
+    if args.resume:
+        checkpoint = common.load_checkpoint(run.checkpoint_path("latest.pkl"))
+        print(f"resuming from step {int(checkpoint['step']):,}")
+        run.forget_after(int(checkpoint["step"]))
+    key, step = checkpoint["key"], int(checkpoint["step"])
+
+    env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
+    state = (checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"], env_state)
+    train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    evaluator = common.make_evaluator(env, args.num_eval_envs)
+
+    @jax.jit
+    def evaluate(state, key):
+        params, _, norm, _ = state
+
+        # Deterministic policy: the flow integrated from the noise's mean, x_0 = 0.
+        def act(obs):
+            obs = common.normalize(norm, obs)
+            x_0 = jnp.zeros((*obs.shape[:-1], env.action_size))
+            return sample_action(params["actor"], obs, x_0, args.num_flow_steps)
+
+        return evaluator(act, key)
+
+    def save(state, step, key):
+        params, opt_state, norm, _ = state
+        common.save_checkpoint(
+            run.checkpoint_path("latest.pkl"),
+            {"params": params, "opt_state": opt_state, "norm": norm, "step": step, "key": key},
+        )
+
+    start = time.time()
+    try:
+        state, key, step, final_return = common.run_iterations(
+            run, train_iteration, state, key,
+            step=step, end_step=args.total_timesteps, steps_per_iteration=steps_per_iteration(args),
+            total_steps=args.total_timesteps, eval_every=args.eval_every, evaluate=evaluate,
+            on_eval=save,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: python fpo.py --resume {run.dir}")
+        raise
+    finally:
+        run.close()
+    print(f"done: {step:,} steps in {time.time() - start:.0f}s, final evaluation return {final_return:.1f}")
+    print(f"run folder: {run.dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
