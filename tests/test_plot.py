@@ -1,0 +1,201 @@
+"""plot.py: curves from run folders, the PC1 projection and the KDE of the density figure."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import common
+import gorl_fm
+import plot
+import ppo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclasses.dataclass
+class FakeArgs:
+    env_name: str = "CartpoleBalance"
+    seed: int = 1
+    runs_dir: str = "runs"
+
+
+def fake_run(root, algo, seed, staged, offset=0.0):
+    """A run folder written by common.Run, with the rows the scripts log."""
+    run = common.Run(FakeArgs(seed=seed, runs_dir=str(root)), algo,
+                     run_dir=os.path.join(root, f"CartpoleBalance__{algo}__{seed}"))
+    for i in range(1, 9):
+        step = i * 1000
+        metrics = {"loss/total": 1.0 / i, "train/episode_return": 10.0 * i, "perf/steps_per_second": 500.0}
+        if staged:
+            metrics["stage"] = 0 if i <= 4 else 1
+        if i % 2 == 0:
+            metrics["eval/return"] = 100.0 * i + offset
+        run.log(step, metrics)
+        if staged and i == 4:
+            run.log(step, {"refine/loss_final": 0.1, "refine/prior_latent_return": 300.0})
+    run.close()
+    return run.dir
+
+
+@pytest.fixture
+def run_dirs(tmp_path):
+    return [fake_run(tmp_path, "ppo", 1, False, 0.0), fake_run(tmp_path, "ppo", 2, False, 20.0),
+            fake_run(tmp_path, "gorl_fm", 1, True, 5.0), fake_run(tmp_path, "gorl_fm", 2, True, -5.0)]
+
+
+def test_curves_png_from_run_folders(run_dirs, tmp_path):
+    out = str(tmp_path / "figs" / "curves.png")
+    plot.plot_curves(run_dirs, out)
+    assert os.path.getsize(out) > 1000
+    assert open(out, "rb").read(8) == PNG_MAGIC
+    # The CLI draws the same figure.
+    out2 = str(tmp_path / "curves_cli.png")
+    plot.main(["curves", *run_dirs, "--out", out2, "--metric", "train/episode_return"])
+    assert os.path.getsize(out2) > 1000
+
+
+def test_grouping_mean_std_and_stage_boundaries(run_dirs):
+    runs = [plot.load_run(d) for d in run_dirs]
+    groups = plot.group_runs(runs)
+    assert sorted(groups) == [("CartpoleBalance", "gorl_fm"), ("CartpoleBalance", "ppo")]
+    steps, values = plot.metric_curve(groups[("CartpoleBalance", "ppo")][0]["rows"])
+    np.testing.assert_array_equal(steps, [2000, 4000, 6000, 8000])
+    np.testing.assert_array_equal(values, [200, 400, 600, 800])
+    grid, mean, std = plot.mean_std_on_grid([plot.metric_curve(r["rows"]) for r in groups[("CartpoleBalance", "ppo")]])
+    assert grid[0] == 2000 and grid[-1] == 8000
+    np.testing.assert_allclose(mean, 100.0 * grid / 1000 + 10.0)  # seeds at +0 and +20
+    np.testing.assert_allclose(std, 10.0)
+    # The stage column changes after step 4000 (refinement rows have no stage).
+    assert plot.stage_boundaries(groups[("CartpoleBalance", "gorl_fm")][0]["rows"]) == [4000.0]
+    assert plot.stage_boundaries(groups[("CartpoleBalance", "ppo")][0]["rows"]) == []
+
+
+def test_mean_std_interpolates_onto_a_common_grid():
+    a = (np.array([0.0, 10.0]), np.array([0.0, 10.0]))
+    b = (np.array([0.0, 5.0, 10.0]), np.array([0.0, 0.0, 0.0]))
+    grid, mean, std = plot.mean_std_on_grid([a, b], num_points=3)
+    np.testing.assert_array_equal(grid, [0.0, 5.0, 10.0])
+    np.testing.assert_allclose(mean, [0.0, 2.5, 5.0])
+    np.testing.assert_allclose(std, [0.0, 2.5, 5.0])
+
+
+def anisotropic_samples(n=5000, seed=0):
+    rng = np.random.default_rng(seed)
+    cov_root = rng.normal(size=(3, 3)) * np.array([3.0, 1.0, 0.3])
+    return rng.normal(size=(n, 3)) @ cov_root.T + np.array([1.0, -2.0, 0.5])
+
+
+def test_pca_projection_matches_numpy_svd_and_covariance_eigenvector():
+    x = anisotropic_samples()
+    p = plot.pca_project(x)
+    centered = x - x.mean(axis=0)
+    u, s, vt = np.linalg.svd(centered, full_matrices=False)
+    reference = u[:, 0] * s[0]  # sklearn's PCA(1).fit_transform, up to sign
+    sign = np.sign(p @ reference)
+    np.testing.assert_allclose(p, sign * reference, atol=1e-8)
+    # The same axis as the top eigenvector of the sample covariance.
+    w, v = np.linalg.eigh(np.cov(x.T))
+    np.testing.assert_allclose(np.abs(p), np.abs(centered @ v[:, -1]), atol=1e-6)
+    # Centered, and its variance is the largest eigenvalue.
+    assert abs(p.mean()) < 1e-9
+    np.testing.assert_allclose(p.var(ddof=1), w[-1], rtol=1e-9)
+    # Deterministic sign: flipping the data's orientation does not flip the projection's convention.
+    _, axis = plot.pca_direction(x)
+    assert axis[np.argmax(np.abs(axis))] > 0
+    # One-dimensional actions: PC1 is the centered action itself.
+    one = np.random.default_rng(1).normal(size=(100, 1))
+    np.testing.assert_allclose(plot.pca_project(one), one[:, 0] - one.mean())
+
+
+def test_kde_matches_scipy_gaussian_kde_with_bandwidth_factor_0_8():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-2.0, 0.5, 3000), rng.normal(1.5, 1.0, 7000)])
+    grid = np.linspace(-5, 6, 301)
+    ours = plot.kde(x, grid, 0.8)
+    reference = scipy.stats.gaussian_kde(x, bw_method=0.8)(grid)
+    np.testing.assert_allclose(ours, reference, rtol=1e-9, atol=1e-12)
+    # A density: it integrates to one (on a grid wide enough for the kernel's tails).
+    wide = np.linspace(-15, 15, 3001)
+    assert abs(np.trapezoid(plot.kde(x, wide, 0.8), wide) - 1.0) < 1e-4
+    # Other factors agree too.
+    np.testing.assert_allclose(plot.kde(x[:500], grid, 0.3),
+                               scipy.stats.gaussian_kde(x[:500], bw_method=0.3)(grid), rtol=1e-9, atol=1e-12)
+
+
+def test_density_png_from_sample_sets(tmp_path):
+    rng = np.random.default_rng(0)
+    sets = {"stage 0": rng.normal(size=(2000, 2)),
+            "stage 1": np.concatenate([rng.normal(-2, 0.3, (1000, 2)), rng.normal(2, 0.3, (1000, 2))])}
+    for shared in (False, True):
+        out = str(tmp_path / f"density_{shared}.png")
+        plot.plot_density(sets, out, shared_axis=shared)
+        assert os.path.getsize(out) > 1000 and open(out, "rb").read(8) == PNG_MAGIC
+
+
+def saved_gorl_run(root, algo="gorl_fm", obs_size=5, act_size=1):
+    """A run folder holding two gorl_fm stage checkpoints (no training: fresh parameters)."""
+    run_dir = os.path.join(root, "CartpoleBalance__gorl_fm__1__x")
+    args = gorl_fm.Args(env_name="CartpoleBalance")
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"algo": algo, **dataclasses.asdict(args)}, f)
+    for stage in (0, 1):
+        ckpt = {
+            "params": {"encoder": gorl_fm.init_encoder(jax.random.PRNGKey(stage), obs_size, act_size, args),
+                       "critic": common.mlp_init(jax.random.PRNGKey(9), [obs_size, 4, 1])},
+            "norm": common.normalizer_init(obs_size),
+            "decoder": gorl_fm.init_decoder(jax.random.PRNGKey(3), obs_size, act_size, args),
+            "decoder_norm": common.normalizer_init(obs_size),
+            "step": 100 * (stage + 1), "key": jax.random.PRNGKey(0), "stage_rows": [],
+        }
+        if stage == 1:  # a decoder that shifts every action by +1: a visibly different density
+            ckpt["decoder"][-1]["b"] = jnp.ones(act_size)
+        common.save_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.pkl"), ckpt)
+    return run_dir
+
+
+def test_density_from_a_saved_gorl_run(tmp_path, monkeypatch):
+    run_dir = saved_gorl_run(str(tmp_path))
+    # Sampling goes through gorl_fm.sample_actions with the run's flow_steps.
+    config, sample = plot.load_policy(run_dir, 1)
+    a = np.asarray(sample(jnp.zeros(5), jax.random.PRNGKey(0), 4000))
+    assert a.shape == (4000, 1) and np.all(np.abs(a) < 1)
+    np.testing.assert_allclose(np.arctanh(a).mean(), 1.0, atol=0.06)  # z ~ N(0, 1), then + 1
+    # The state is normally taken from a rollout of the task; here, to keep the test free of MJX
+    # compilation, a fixed observation.
+    seen = {}
+
+    def fake_pick_state(config, sample, rollout_steps, state_seed=0):
+        seen["args"] = (config["env_name"], rollout_steps, state_seed)
+        return np.zeros(5, np.float32)
+
+    monkeypatch.setattr(plot, "pick_state", fake_pick_state)
+    out = str(tmp_path / "density.png")
+    plot.main(["density", run_dir, "--stages", "0", "1", "--num-samples", "3000", "--out", out,
+               "--rollout-steps", "7", "--state-seed", "3"])
+    assert seen["args"] == ("CartpoleBalance", 7, 3)
+    assert os.path.getsize(out) > 1000 and open(out, "rb").read(8) == PNG_MAGIC
+
+
+def test_density_policy_of_a_ppo_run(tmp_path):
+    run_dir = os.path.join(tmp_path, "run")
+    args = ppo.Args(env_name="CartpoleBalance", actor_hidden=(8,), critic_hidden=(8,))
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"algo": "ppo", **dataclasses.asdict(args)}, f)
+    params = ppo.init_params(jax.random.PRNGKey(0), 5, 1, args)
+    params["actor"][-1]["b"] = jnp.array([0.5, 0.0])  # mean 0.5, scale softplus(0) + 1e-3
+    common.save_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"),
+                           {"params": params, "norm": common.normalizer_init(5), "step": 0})
+    _, sample = plot.load_policy(run_dir, None)
+    obs = jnp.zeros(5)
+    a = np.arctanh(np.asarray(sample(obs, jax.random.PRNGKey(1), 20000)))
+    mean, scale = ppo.actor(params["actor"], obs)
+    np.testing.assert_allclose(a.mean(), float(mean[0]), atol=0.02)
+    np.testing.assert_allclose(a.std(), float(scale[0]), rtol=0.03)
