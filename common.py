@@ -159,6 +159,31 @@ def mlp_apply(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
+TIME_EMBEDDING_SIZE = 8
+
+
+def time_embedding(t: jax.Array) -> jax.Array:
+    """Sinusoidal features of a flow time or diffusion step t in [0, 1]: [...] -> [..., 8].
+
+    Periods 2, 1, 1/2, 1/4: the coarse terms tell early from late, the finest still separates
+    neighbouring steps of a 10-step sampler.
+    """
+    angles = t[..., None] * (jnp.pi * 2.0 ** jnp.arange(TIME_EMBEDDING_SIZE // 2))
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def cosine_alpha_bar(num_steps: int, s: float = 0.008) -> np.ndarray:
+    """alpha_bar_k, k = 0..T, of the cosine schedule (Nichol & Dhariwal, 2021), in float64.
+
+    alpha_bar(k) = f(k) / f(0), f(k) = cos^2(((k / T + s) / (1 + s)) pi / 2), with the betas
+    capped at 0.999 (f(T) = 0 would leave no signal at k = T); alpha_bar_0 = 1.
+    """
+    k = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    f = np.cos((k + s) / (1 + s) * np.pi / 2) ** 2
+    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    return np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Diagonal Gaussian
 # ---------------------------------------------------------------------------------------------

@@ -119,12 +119,10 @@ def cosine_schedule(num_steps: int, s: float = 0.008) -> dict[str, np.ndarray]:
     alpha_bar(k) = f(k) / f(0), f(k) = cos^2(((k / K + s) / (1 + s)) pi / 2); betas capped at
     0.999 because f(K) = 0 would make the last one exactly 1 (no signal left to denoise from).
     """
-    k = np.arange(num_steps + 1) / num_steps
-    f = np.cos((k + s) / (1 + s) * np.pi / 2) ** 2
-    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
-    alphas = 1.0 - betas
-    alpha_bars = np.cumprod(alphas)  # recomputed from the capped betas, so the chain is consistent
-    alpha_bars_prev = np.concatenate([[1.0], alpha_bars[:-1]])
+    alpha_bar = common.cosine_alpha_bar(num_steps, s)
+    alphas = alpha_bar[1:] / alpha_bar[:-1]
+    betas = 1.0 - alphas
+    alpha_bars, alpha_bars_prev = alpha_bar[1:], alpha_bar[:-1]
     return {"beta": betas, "alpha": alphas, "alpha_bar": alpha_bars, "alpha_bar_prev": alpha_bars_prev}
 
 
@@ -132,22 +130,12 @@ def cosine_schedule(num_steps: int, s: float = 0.008) -> dict[str, np.ndarray]:
 # Networks: an epsilon-prediction network eps(x_k, k, s) (the diffusion policy) and a critic
 # ---------------------------------------------------------------------------------------------
 
-# Periods 2, 1, 1/2, 1/4 over k / K in [0, 1]: the finest still separates neighbouring steps.
-TIME_FREQUENCIES = np.pi * 2.0 ** np.arange(4)
-TIME_EMBEDDING_SIZE = 2 * len(TIME_FREQUENCIES)
-
-
-def time_embedding(t):
-    """Sinusoidal embedding of t in [0, 1]: [..., ] -> [..., 8]."""
-    angles = t[..., None] * TIME_FREQUENCIES
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
 
 def init_params(key, obs_size: int, action_size: int, args: Args):
     k_actor, k_critic = jax.random.split(key)
     return {
         "actor": common.mlp_init(
-            k_actor, [obs_size + action_size + TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
+            k_actor, [obs_size + action_size + common.TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
         ),
         "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1]),
     }
@@ -156,7 +144,7 @@ def init_params(key, obs_size: int, action_size: int, args: Args):
 def predict_noise(params, obs, x_k, k, num_steps: int):
     """eps_theta(x_k, k, s), the input being [normalized obs, x_k, embedding of k / K]."""
     t = jnp.broadcast_to(k / num_steps, x_k.shape[:-1])
-    return common.mlp_apply(params, jnp.concatenate([obs, x_k, time_embedding(t)], axis=-1))
+    return common.mlp_apply(params, jnp.concatenate([obs, x_k, common.time_embedding(t)], axis=-1))
 
 
 def critic(params, obs):

@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import tyro
 
@@ -108,23 +107,12 @@ def validate(args: Args) -> None:
 # Networks: a velocity field v(x_t, t, s) (the flow policy) and a critic
 # ---------------------------------------------------------------------------------------------
 
-# Periods 2, 1, 1/2, 1/4 over t in [0, 1]: the coarse terms tell early from late in the flow,
-# the fine ones resolve single Euler steps (dt = 0.1).
-TIME_FREQUENCIES = np.pi * 2.0 ** np.arange(4)
-TIME_EMBEDDING_SIZE = 2 * len(TIME_FREQUENCIES)
-
-
-def time_embedding(t):
-    """Sinusoidal embedding of t in [0, 1]: [..., ] -> [..., 8]."""
-    angles = t[..., None] * TIME_FREQUENCIES
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
 
 def init_params(key, obs_size: int, action_size: int, args: Args):
     k_actor, k_critic = jax.random.split(key)
     return {
         "actor": common.mlp_init(
-            k_actor, [obs_size + action_size + TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
+            k_actor, [obs_size + action_size + common.TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
         ),
         "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1]),
     }
@@ -132,7 +120,7 @@ def init_params(key, obs_size: int, action_size: int, args: Args):
 
 def velocity(params, obs, x_t, t):
     """v(x_t, t, s), the input being [normalized obs, x_t, embedding of t]."""
-    return common.mlp_apply(params, jnp.concatenate([obs, x_t, time_embedding(t)], axis=-1))
+    return common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t)], axis=-1))
 
 
 def critic(params, obs):

@@ -237,8 +237,8 @@ def critic(params, obs):
 # r_t = (1 - b_t c_t) / a_t = cos(mid_t) / cos(half_t) <= 1 and x_t = z throughout, so a latent
 # with |z_i| <= clip is never clipped, and one beyond it ends at sign(z_i) * clip.
 #
-# Output units (--decoder-output). By default f_phi is in noise units, as in Appendix C.1. With
-# x0, f = -(a_t / b_t) h_phi: then x0_hat = r_t x_t + h and the step is x_{t-1} = x_t + D_t h, so
+# Output units (--decoder-output). With eps, f_phi is in noise units, as in Appendix C.1. With
+# x0 (the default), f = -(a_t / b_t) h_phi: then x0_hat = r_t x_t + h and the step is x_{t-1} = x_t + D_t h, so
 # the network's error enters x_{t-1} scaled by D_t <= 1 instead of B_t (-31 at t = T). It is the
 # same eps_phi trained by the same Eq. (17) (EDM's output preconditioning, Karras et al. 2022),
 # and h = 0 is still the exact identity.
@@ -252,10 +252,7 @@ def diffusion_schedule(num_steps: int, decoder_output: str = "x0", s: float = 0.
     coefficients c, B, r, D and the network's output scale are defined for t >= 1 (entry 0 is
     unused). Computed in float64 so the float32 values carry no accumulated error.
     """
-    grid = np.arange(num_steps + 1) / num_steps
-    f = np.cos((grid + s) / (1 + s) * np.pi / 2) ** 2
-    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
-    abar = np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+    abar = common.cosine_alpha_bar(num_steps, s)
     a, b = np.sqrt(abar), np.sqrt(1.0 - abar)
     A = a[:-1] / a[1:]
     B = b[:-1] - a[:-1] * b[1:] / a[1:]
@@ -269,16 +266,9 @@ def diffusion_schedule(num_steps: int, decoder_output: str = "x0", s: float = 0.
     return {k: jnp.asarray(v, jnp.float32) for k, v in sched.items()}
 
 
-def time_embedding(t, dim: int = 8):
-    """Sinusoidal features of t in [0, 1] at octave frequencies."""
-    freqs = jnp.pi * 2.0 ** jnp.arange(dim // 2)
-    angles = t[..., None] * freqs
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
 def init_decoder(key, obs_size: int, action_size: int, args: Args):
     """A zero output layer gives f = 0: every DDIM step is the identity, so g(s, z) = z exactly."""
-    params = common.mlp_init(key, [obs_size + action_size + 8, *args.decoder_hidden, action_size])
+    params = common.mlp_init(key, [obs_size + action_size + common.TIME_EMBEDDING_SIZE, *args.decoder_hidden, action_size])
     params[-1] = jax.tree.map(jnp.zeros_like, params[-1])
     return params
 
@@ -289,7 +279,7 @@ def noise_residual(params, obs, x_t, t, sched):
     broadcasting against x_t's leading axes."""
     num_steps = sched["alpha_bar"].shape[0] - 1
     t = jnp.broadcast_to(t, x_t.shape[:-1])
-    out = common.mlp_apply(params, jnp.concatenate([obs, x_t, time_embedding(t / num_steps)], axis=-1))
+    out = common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t / num_steps)], axis=-1))
     return sched["out_scale"][t][..., None] * out
 
 

@@ -23,7 +23,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import tyro
 
@@ -189,23 +188,16 @@ def critic(params, obs):
 # ---------------------------------------------------------------------------------------------
 
 
-def time_embedding(t, dim: int = 8):
-    """Sinusoidal features of t in [0, 1] at octave frequencies."""
-    freqs = jnp.pi * 2.0 ** jnp.arange(dim // 2)
-    angles = t[..., None] * freqs
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
 def init_decoder(key, obs_size: int, action_size: int, args: Args):
     """A zero output layer gives v = 0 everywhere, so the flow is static: g(s, z) = z exactly."""
-    params = common.mlp_init(key, [obs_size + action_size + 8, *args.decoder_hidden, action_size])
+    params = common.mlp_init(key, [obs_size + action_size + common.TIME_EMBEDDING_SIZE, *args.decoder_hidden, action_size])
     params[-1] = jax.tree.map(jnp.zeros_like, params[-1])
     return params
 
 
 def velocity(params, obs, x_t, t):
     t = jnp.broadcast_to(t, x_t.shape[:-1])
-    return common.mlp_apply(params, jnp.concatenate([obs, x_t, time_embedding(t)], axis=-1))
+    return common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t)], axis=-1))
 
 
 def decode(params, obs, z, flow_steps: int):
