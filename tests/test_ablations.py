@@ -11,7 +11,6 @@ main's stage loop, which does not depend on the task, and the bandit compiles in
 """
 
 import csv
-import dataclasses
 import os
 
 import jax
