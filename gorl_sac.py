@@ -1,0 +1,839 @@
+"""GoRL with a SAC encoder in latent space and a diffusion decoder (GoRL-SAC), JAX + MJX.
+
+Paper 002, Appendix F.2: the off-policy instantiation of GoRL. The policy is split in two:
+    z ~ pi_theta(z | s)       the *encoder*, SAC's actor: a tanh-free diagonal Gaussian over a
+                              latent of the action's size, regularized toward the prior N(0, I)
+    a = g_phi(s, z)           the *decoder*, a conditional diffusion model run as deterministic
+                              DDIM from x_T = z (Appendix C.1)
+and the environment receives tanh(a). SAC acts on the latent MDP induced by the frozen decoder:
+its twin critics estimate Q(s, z), the actor's gradient flows through the critic only, never
+through the denoising chain. Training alternates in stages (Algorithm 1):
+    stage 0:  the decoder is the identity, g(s, z) = z, so latent SAC is Gaussian SAC
+    stage m:  re-initialize the encoder to the prior N(0, I); run SAC in latent space with the
+              decoder frozen and treated as part of the environment
+    between:  freeze the encoder, collect *fresh* rollouts (s, a) with the current encoder and
+              decoder (never the replay buffer), and fit the decoder by denoising from noise
+              drawn fresh from the fixed prior (Eq. 4, 17)
+Equation numbers are those of paper 001 (GoRL, first version), as in the SPEC; the SAC equations
+are those of Haarnoja et al. (2018), "Soft Actor-Critic Algorithms and Applications".
+
+Tasks: Hopper, Walker2d, HalfCheetah (Brax's MJX ports of the Gym tasks of the paper) and
+every DMC task of MuJoCo Playground (see `make_env`).
+
+    python gorl_sac.py --env-name Hopper --seed 1
+    python gorl_sac.py --env-name Hopper --seed 1 --plain-sac     # the Gaussian SAC baseline
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from brax import envs as brax_envs
+from brax.envs import base as brax_base
+from brax.envs.wrappers import training as brax_wrappers
+
+import common
+
+
+@dataclasses.dataclass
+class Args:
+    env_name: str = "Hopper"
+    """task: Hopper, Walker2d, HalfCheetah (Brax MJX ports of the paper's Gym tasks) or a DMC task"""
+    seed: int = 1
+    """random seed"""
+    impl: str = "jax"
+    """physics backend of DMC tasks: jax (MJX) or warp (MuJoCo Warp); the Gym tasks are MJX only"""
+    stage_steps: tuple[int, ...] = (2_000_000, 1_000_000, 1_000_000)
+    """environment steps of latent SAC in each stage (stage 0 uses the identity decoder)"""
+    plain_sac: bool = False
+    """baseline: Gaussian SAC, i.e. the identity decoder, no refinement, one stage of sum(stage_steps)"""
+    # --- latent SAC (the encoder), paper 002 Table 5
+    num_envs: int = 16
+    """parallel environments collecting transitions"""
+    chunk_length: int = 50
+    """environment steps (of all num_envs environments) per jitted training call"""
+    utd_ratio: float = 20.0
+    """update-to-data ratio: gradient steps per environment transition (utd_ratio * num_envs per step)"""
+    batch_size: int = 256
+    """transitions per gradient step, sampled uniformly from the replay buffer"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity (transitions); it is emptied at every stage boundary"""
+    learning_starts: int = 5_000
+    """transitions collected with the freshly re-initialized encoder (the prior) before the first
+    gradient step of each stage"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of the encoder, the critics and the entropy temperature"""
+    discount: float = 0.99
+    """discount factor gamma"""
+    tau: float = 0.005
+    """target smoothing: target <- tau * critic + (1 - tau) * target after every gradient step"""
+    init_alpha: float = 1.0
+    """entropy temperature alpha at the start of stage 0 (later stages keep the last stage's)"""
+    target_entropy: float | None = None
+    """entropy target of the automatic temperature (default: -latent size)"""
+    kl_beta: float = 1e-3
+    """weight beta of KL(encoder || N(0, I)) in the actor loss (Eq. 3)"""
+    reward_scaling: float = 1.0
+    """multiply rewards by this for learning (returns are reported unscaled)"""
+    encoder_hidden: tuple[int, ...] = (256, 256)
+    """encoder (actor) hidden layer widths (SiLU)"""
+    critic_hidden: tuple[int, ...] = (256, 256)
+    """hidden layer widths of each of the two critics Q(s, z) (SiLU)"""
+    # --- the diffusion decoder and its refinement (Appendix C.1, E.4)
+    decoder_hidden: tuple[int, ...] = (64, 64, 64, 64)
+    """noise-prediction network hidden layer widths (SiLU)"""
+    diffusion_steps: int = 10
+    """diffusion steps T (cosine schedule); DDIM sampling runs all T steps"""
+    refine_envs: int = 64
+    """parallel environments that collect a refinement dataset"""
+    refine_iterations: int = 2
+    """full episodes each refinement environment runs (64 x 2 x 1000 = 128k transitions)"""
+    refine_epochs: int = 50
+    """decoder training epochs over a refinement dataset"""
+    refine_batch_size: int = 8192
+    """decoder training minibatch size"""
+    refine_learning_rate: float = 3e-4
+    """Adam learning rate of the decoder"""
+    # --- evaluation and bookkeeping
+    eval_every: int = 100_000
+    """evaluate every this many environment steps (global step axis across stages)"""
+    num_eval_envs: int = 128
+    """environments in one evaluation (one full episode each, deterministic policy)"""
+    runs_dir: str = "runs"
+    """where run folders are created"""
+    resume: str | None = None
+    """run folder to resume from its last completed stage (its config.json replaces the other flags)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments: the paper's Gym locomotion tasks through Brax's MJX ports, and the DMC suite
+# ---------------------------------------------------------------------------------------------
+
+# Paper 002 ran Hopper-v2, Walker2D-v2 and HalfCheetah-v2 (Table 5: observation sizes 11, 17, 17;
+# action sizes 3, 6, 6). Brax's `hopper`, `walker2d` and `halfcheetah` are ports of exactly those
+# Gym tasks (same MJCF models, reward terms, health ranges and early termination, same sizes);
+# with backend="mjx" they step in MJX inside the same jit as SAC. Playground has no Gym tasks.
+GYM_TASKS = {"Hopper": "hopper", "Walker2d": "walker2d", "HalfCheetah": "halfcheetah"}
+
+
+def env_name_check(name: str) -> tuple[bool, str]:
+    names = (*GYM_TASKS, *common.dmc_env_names())
+    return name in names, (f"unknown task {name!r}; valid tasks are the Gym locomotion tasks "
+                           f"{', '.join(GYM_TASKS)} and the DMC tasks: {', '.join(common.dmc_env_names())}")
+
+
+def make_env(name: str, impl: str = "jax", episode_length: int = common.EPISODE_LENGTH):
+    """A batched task with auto-reset, episode bookkeeping and tanh-squashed actions.
+
+    DMC tasks come from `common.make_env`. The Gym tasks get the same wrapper stack built from
+    Brax's own wrappers: playground's BraxAutoResetWrapper resets `state.data`, which Brax envs
+    do not have (they hold `pipeline_state`), so Brax's AutoResetWrapper takes its place. As in
+    common.make_env, `info["next_obs"]` keeps the true observation of every step, also the last
+    one of an episode that auto-reset then overwrites in `obs`. Brax's locomotion tasks
+    terminate early (`done` without `truncation`: no bootstrap); the time limit truncates
+    (`truncation` = 1: SAC bootstraps from `info["next_obs"]`).
+    """
+    if name not in GYM_TASKS:
+        return common.make_env(name, impl, episode_length)
+    env = brax_envs.get_environment(GYM_TASKS[name], backend="mjx")
+    env = brax_wrappers.VmapWrapper(env)
+    env = brax_wrappers.EpisodeWrapper(env, episode_length, action_repeat=1)
+    env = _KeepNextObs(env)
+    env = brax_wrappers.AutoResetWrapper(env)
+    return _SquashAction(env)
+
+
+class _KeepNextObs(brax_base.Wrapper):
+    """Stores the observation the step produced before auto-reset can overwrite it."""
+
+    def reset(self, rng):
+        state = self.env.reset(rng)
+        state.info["next_obs"] = state.obs
+        return state
+
+    def step(self, state, action):
+        state = self.env.step(state, action)
+        state.info["next_obs"] = state.obs
+        return state
+
+
+class _SquashAction(brax_base.Wrapper):
+    """Policies act in the unbounded pre-squash space; the task's bounds are [-1, 1]."""
+
+    def step(self, state, action):
+        return self.env.step(state, jnp.tanh(action))
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets and flag validation
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_budgets(args: Args) -> tuple[int, ...]:
+    """Plain SAC runs the whole budget as one stage with the identity decoder."""
+    return (sum(args.stage_steps),) if args.plain_sac else tuple(args.stage_steps)
+
+
+def steps_per_chunk(args: Args) -> int:
+    return args.chunk_length * args.num_envs
+
+
+def updates_per_env_step(args: Args) -> int:
+    """Gradient steps after each environment step of all num_envs environments."""
+    return int(round(args.utd_ratio * args.num_envs))
+
+
+def chunks_in_stage(args: Args, stage: int) -> int:
+    """A stage runs whole chunks: its budget rounded down to a multiple of one chunk."""
+    return stage_budgets(args)[stage] // steps_per_chunk(args)
+
+
+def refine_dataset_size(args: Args) -> int:
+    return args.refine_envs * args.refine_iterations * common.EPISODE_LENGTH
+
+
+def validate(args: Args) -> None:
+    """Reject bad flag values before anything is compiled."""
+    per_chunk = steps_per_chunk(args)
+    updates = args.utd_ratio * args.num_envs
+    common.check_args([
+        env_name_check(args.env_name),
+        (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
+        (args.impl == "jax" or args.env_name not in GYM_TASKS,
+         f"--impl {args.impl} applies to DMC tasks only; {args.env_name} runs on Brax's MJX backend"),
+        (min(args.num_envs, args.chunk_length, args.batch_size) > 0,
+         "--num-envs, --chunk-length and --batch-size must be positive"),
+        (args.utd_ratio > 0 and abs(updates - round(updates)) < 1e-6,
+         f"--utd-ratio * --num-envs = {updates:g} gradient steps per environment step must be a positive "
+         f"whole number"),
+        (args.buffer_size >= args.num_envs, f"--buffer-size must hold at least --num-envs = {args.num_envs} transitions"),
+        (0 <= args.learning_starts <= args.buffer_size,
+         f"--learning-starts {args.learning_starts} must be in [0, --buffer-size {args.buffer_size}]"),
+        (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
+        (all(n >= per_chunk for n in stage_budgets(args)),
+         f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one chunk "
+         f"({per_chunk:,} steps = chunk_length * num_envs)"),
+        (all(n > args.learning_starts for n in stage_budgets(args)),
+         f"every stage in --stage-steps {list(args.stage_steps)} must be longer than --learning-starts "
+         f"{args.learning_starts}, or it would never make a gradient step"),
+        (0 < args.tau <= 1 and 0 <= args.discount <= 1, "--tau must be in (0, 1] and --discount in [0, 1]"),
+        (args.init_alpha > 0, "--init-alpha must be positive"),
+        (min(args.refine_envs, args.refine_iterations, args.refine_epochs, args.diffusion_steps) > 0,
+         "--refine-envs, --refine-iterations, --refine-epochs and --diffusion-steps must be positive"),
+        (0 < args.refine_batch_size <= refine_dataset_size(args),
+         f"--refine-batch-size {args.refine_batch_size} must be in [1, the refinement dataset size "
+         f"{refine_dataset_size(args):,} = refine_envs * refine_iterations * {common.EPISODE_LENGTH}]"),
+        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer: a fixed-size ring of transitions held on the device, updated inside jit
+# ---------------------------------------------------------------------------------------------
+
+
+def replay_init(capacity: int, example: dict) -> dict:
+    """An empty ring shaped like `example` (a dict of [batch, ...] arrays) with `capacity` rows."""
+    data = jax.tree.map(lambda x: jnp.zeros((capacity, *x.shape[1:]), x.dtype), example)
+    return {"data": data, "position": jnp.zeros((), jnp.int32), "size": jnp.zeros((), jnp.int32)}
+
+
+def replay_add(buffer: dict, batch: dict) -> dict:
+    """Write a batch of transitions at the ring's position, overwriting the oldest rows."""
+    capacity = jax.tree.leaves(buffer["data"])[0].shape[0]
+    n = jax.tree.leaves(batch)[0].shape[0]
+    rows = (buffer["position"] + jnp.arange(n)) % capacity
+    data = jax.tree.map(lambda d, x: d.at[rows].set(x), buffer["data"], batch)
+    return {"data": data, "position": (buffer["position"] + n) % capacity,
+            "size": jnp.minimum(buffer["size"] + n, capacity)}
+
+
+def replay_sample(buffer: dict, key: jax.Array, batch_size: int) -> dict:
+    """`batch_size` transitions drawn uniformly (with replacement) from the filled rows."""
+    rows = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buffer["size"], 1))
+    return jax.tree.map(lambda d: d[rows], buffer["data"])
+
+
+def replay_in_order(buffer: dict) -> dict:
+    """The stored transitions oldest first (for inspection and tests; not used in training)."""
+    capacity = jax.tree.leaves(buffer["data"])[0].shape[0]
+    size, position = int(buffer["size"]), int(buffer["position"])
+    rows = (np.arange(size) + (position - size)) % capacity
+    return jax.tree.map(lambda d: d[rows], buffer["data"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder pi_theta(z | s) (SAC's actor) and twin critics Q(s, z)
+# ---------------------------------------------------------------------------------------------
+
+
+# The encoder's Gaussian. SAC maximizes entropy, and in an unbounded latent space a Gaussian's
+# entropy grows with its scale without limit; tanh at the environment makes large latents free
+# (no tanh log-det term as in action-space SAC, since the squash is not part of the latent
+# policy). Left unbounded, the actor runs to huge latents where the critic can only extrapolate,
+# and the critic diverges: with common.gaussian_from_output (scale up to 10, free mean) Q reached
+# 1e9 within 10k steps on CartpoleBalance. So the mean is soft-bounded and the scale kept in a
+# range around the prior's; the sample z = mean + scale * eps is still a Gaussian draw with an
+# exact log-density, no tanh on z (the prior's mean 0 and scale 1 lie inside both ranges). Beyond
+# 3 prior standard deviations the decoder has seen no training latents anyway.
+LATENT_MEAN_BOUND = 3.0
+LATENT_SCALE_MIN, LATENT_SCALE_MAX = 1e-2, 2.0
+_LOG_SCALE_MIN, _LOG_SCALE_MAX = float(np.log(LATENT_SCALE_MIN)), float(np.log(LATENT_SCALE_MAX))
+
+
+def latent_gaussian(out):
+    """Mean = 3 tanh(raw / 3), log scale = a sigmoid between log 0.01 and log 2."""
+    raw_mean, raw_scale = jnp.split(out, 2, axis=-1)
+    mean = LATENT_MEAN_BOUND * jnp.tanh(raw_mean / LATENT_MEAN_BOUND)
+    log_scale = _LOG_SCALE_MIN + (_LOG_SCALE_MAX - _LOG_SCALE_MIN) * jax.nn.sigmoid(raw_scale)
+    return mean, jnp.exp(log_scale)
+
+
+def prior_scale_bias() -> float:
+    """The raw-scale bias b whose scale is 1: sigmoid(b) = -log_min / (log_max - log_min)."""
+    u = -_LOG_SCALE_MIN / (_LOG_SCALE_MAX - _LOG_SCALE_MIN)
+    return float(np.log(u / (1.0 - u)))
+
+
+def init_encoder(key, obs_size: int, latent_size: int, args: Args):
+    """An encoder whose output distribution is the prior N(0, I) for every state.
+
+    Zero output weights make it state-independent; a zero mean bias and the scale bias of
+    `prior_scale_bias` make it the prior (mean exactly 0, scale 1 to float precision). The
+    hidden layers are random, so the encoder can move away from the prior as soon as the output
+    layer receives gradients.
+    """
+    params = common.mlp_init(key, [obs_size, *args.encoder_hidden, 2 * latent_size])
+    params[-1] = {
+        "w": jnp.zeros_like(params[-1]["w"]),
+        "b": jnp.concatenate([jnp.zeros(latent_size), jnp.full(latent_size, prior_scale_bias())]),
+    }
+    return params
+
+
+def encoder(params, obs):
+    """Mean and scale of pi_theta(z | s): a Gaussian in latent space, no tanh on z (the decoder's
+    input is unbounded; the squash is applied to the decoder's output, at the environment)."""
+    return latent_gaussian(common.mlp_apply(params, obs))
+
+
+def sample_latent(params, obs, key):
+    """Reparameterized z ~ pi_theta(z | s) and its log-density."""
+    mean, scale = encoder(params, obs)
+    z = mean + scale * jax.random.normal(key, mean.shape)
+    return z, common.gaussian_log_prob(z, mean, scale), mean, scale
+
+
+def init_critics(key, obs_size: int, latent_size: int, args: Args):
+    """Two independent critics, their parameters stacked on a leading axis of size 2."""
+    sizes = [obs_size + latent_size, *args.critic_hidden, 1]
+    return jax.vmap(lambda k: common.mlp_init(k, sizes))(jax.random.split(key, 2))
+
+
+def critics(params, obs, z):
+    """Q_1(s, z) and Q_2(s, z), shape [2, batch]."""
+    x = jnp.concatenate([obs, z], axis=-1)
+    return jax.vmap(lambda p: common.mlp_apply(p, x)[..., 0])(params)
+
+
+def polyak(target, online, tau: float):
+    """Target smoothing: target <- tau * online + (1 - tau) * target, leaf by leaf."""
+    return jax.tree.map(lambda t, o: tau * o + (1.0 - tau) * t, target, online)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder g_phi(s, z): a conditional diffusion model, sampled with deterministic DDIM (App. C.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def cosine_schedule(num_steps: int, s: float = 0.008) -> np.ndarray:
+    """alpha_bar_k for k = 0..T of the cosine schedule (Nichol & Dhariwal, 2021), alpha_bar_0 = 1.
+
+    In float64: betas clipped at 0.999 as usual, so alpha_bar_T is small (2.4e-5 for T = 10)
+    but not 0, and x_T = sqrt(alpha_bar_T) a + sqrt(1 - alpha_bar_T) eps is almost pure noise.
+    """
+    t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    f = np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
+    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    return np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+
+
+def diffusion_coefficients(num_steps: int) -> dict[str, jax.Array]:
+    """The constants of the forward process, the DDIM step and the identity skip, k = 1..T.
+
+    Forward process (Eq. 16):  x_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps.
+    DDIM step k -> k-1 (eta = 0): predict a_hat = (x_k - sqrt(1 - ab_k) eps_hat) / sqrt(ab_k), then
+        x_{k-1} = sqrt(ab_{k-1}) a_hat + sqrt(1 - ab_{k-1}) eps_hat = A_k x_k + B_k eps_hat,
+        A_k = sqrt(ab_{k-1} / ab_k),   B_k = sqrt(1 - ab_{k-1}) - A_k sqrt(1 - ab_k)   (B_k < 0).
+
+    Identity at initialization. With a plain noise-prediction network, eps_hat = 0 makes every
+    step a pure rescaling, x_{k-1} = A_k x_k, so g(s, z) = z / sqrt(ab_T) (about 200 z): no
+    zero-initialized eps-network gives the identity. We therefore give the network a fixed
+    linear skip and let it predict the residual:
+        eps_hat(x_k, k, s) = c_k x_k + f_phi(s, x_k, k),   c_k = (1 - A_k) / B_k,
+    chosen so that the DDIM step with f_phi = 0 is exactly the identity:
+        x_{k-1} = A_k x_k + B_k (c_k x_k + f) = x_k + B_k f.
+    So the sampler is x_{k-1} = x_k + B_k f_phi(s, x_k, k), which is DDIM with this eps_hat
+    written without the cancelling terms: a zero output layer gives g(s, z) = z bit for bit.
+    c_k is close to sqrt(1 - ab_k), the best noise prediction when the actions are N(0, I)
+    (E[eps | x_k] = sqrt(1 - ab_k) x_k): the skip is the "decoder = identity" noise predictor.
+    Training is unchanged: eps_hat regresses the noise (Eq. 17).
+    """
+    ab = cosine_schedule(num_steps)
+    a_k, a_prev = np.sqrt(ab[1:]), np.sqrt(ab[:-1])
+    s_k, s_prev = np.sqrt(1.0 - ab[1:]), np.sqrt(1.0 - ab[:-1])
+    A = a_prev / a_k
+    B = s_prev - A * s_k
+    return {
+        "sqrt_ab": jnp.asarray(a_k, jnp.float32),  # index k - 1 holds step k
+        "sqrt_1m_ab": jnp.asarray(s_k, jnp.float32),
+        "A": jnp.asarray(A, jnp.float32),
+        "B": jnp.asarray(B, jnp.float32),
+        "skip": jnp.asarray((1.0 - A) / B, jnp.float32),
+    }
+
+
+def step_embedding(k, num_steps: int, dim: int = 8):
+    """Sinusoidal features of the diffusion step k / T in [0, 1] at octave frequencies."""
+    freqs = jnp.pi * 2.0 ** jnp.arange(dim // 2)
+    angles = (k / num_steps)[..., None] * freqs
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def init_decoder(key, obs_size: int, action_size: int, args: Args):
+    """A zero output layer gives f_phi = 0, so every DDIM step is the identity: g(s, z) = z."""
+    params = common.mlp_init(key, [obs_size + action_size + 8, *args.decoder_hidden, action_size])
+    params[-1] = jax.tree.map(jnp.zeros_like, params[-1])
+    return params
+
+
+def residual(params, obs, x_k, k, num_steps: int):
+    """f_phi(s, x_k, k): the network's part of the noise prediction."""
+    k = jnp.broadcast_to(k, x_k.shape[:-1]).astype(jnp.float32)
+    return common.mlp_apply(params, jnp.concatenate([obs, x_k, step_embedding(k, num_steps)], axis=-1))
+
+
+def predict_noise(params, obs, x_k, k, coef, num_steps: int):
+    """eps_hat(x_k, k, s) = c_k x_k + f_phi(s, x_k, k), k in 1..T (integer array or scalar)."""
+    skip = coef["skip"][k - 1]
+    skip = skip[..., None] if jnp.ndim(skip) else skip
+    return skip * x_k + residual(params, obs, x_k, k, num_steps)
+
+
+def decode(params, obs, z, num_steps: int):
+    """a = g_phi(s, z): deterministic DDIM (eta = 0) over all T steps from x_T = z to x_0.
+
+    Each step is x_{k-1} = A_k x_k + B_k eps_hat = x_k + B_k f_phi(s, x_k, k) (derivation in
+    `diffusion_coefficients`).
+    """
+    coef = diffusion_coefficients(num_steps)
+
+    def ddim_step(x, k):
+        return x + coef["B"][k - 1] * residual(params, obs, x, k, num_steps), None
+
+    a, _ = jax.lax.scan(ddim_step, z, jnp.arange(num_steps, 0, -1))
+    return a
+
+
+def diffusion_loss(params, obs, actions, noise, k, num_steps: int):
+    """Noise prediction (Eq. 17): x_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps with k ~ U{1..T}, regress
+    eps_hat(x_k, k, s) onto eps. In refinement (Eq. 4) the noise eps, the decoder's latent, is a
+    fresh draw from the fixed prior N(0, I), never the encoder's latent."""
+    coef = diffusion_coefficients(num_steps)
+    x_k = coef["sqrt_ab"][k - 1][:, None] * actions + coef["sqrt_1m_ab"][k - 1][:, None] * noise
+    eps_hat = predict_noise(params, obs, x_k, k, coef, num_steps)
+    return jnp.mean(jnp.sum((eps_hat - noise) ** 2, axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# SAC losses in latent space (Haarnoja et al., 2018, "SAC: algorithms and applications")
+# ---------------------------------------------------------------------------------------------
+
+
+def critic_loss(critic_params, encoder_params, target_params, alpha, batch, key, args: Args):
+    """Soft Bellman residual (their Eq. 5) of both critics on latent transitions (s, z, r, s'):
+        y = r + gamma (1 - termination) (min_j Qbar_j(s', z') - alpha log pi(z' | s')),  z' ~ pi(.|s')
+    A time-limit truncation is not a termination: s' is then the true last observation."""
+    next_z, next_log_prob, _, _ = sample_latent(encoder_params, batch["next_obs"], key)
+    next_q = jnp.min(critics(target_params, batch["next_obs"], next_z), axis=0)
+    soft_value = next_q - alpha * next_log_prob
+    target = args.reward_scaling * batch["reward"] + args.discount * (1.0 - batch["termination"]) * soft_value
+    target = jax.lax.stop_gradient(target)
+    q = critics(critic_params, batch["obs"], batch["latent"])
+    loss = 0.5 * jnp.sum(jnp.mean((q - target) ** 2, axis=-1))
+    return loss, {"loss/critic": loss, "sac/q": q.mean(), "sac/target": target.mean()}
+
+
+def actor_loss(encoder_params, critic_params, alpha, obs, key, kl_beta: float):
+    """Their Eq. 7 in latent space, z reparameterized, plus the prior regularizer of Eq. 3:
+        E_s[ E_z~pi[alpha log pi(z|s) - min_j Q_j(s, z)] + beta KL(pi(.|s) || N(0, I)) ].
+    Gradients reach the encoder through the critic; the decoder is not involved."""
+    z, log_prob, mean, scale = sample_latent(encoder_params, obs, key)
+    q = jnp.min(critics(critic_params, obs, z), axis=0)
+    kl = common.kl_to_standard_normal(mean, scale).mean()
+    loss = jnp.mean(alpha * log_prob - q) + kl_beta * kl
+    return loss, {"loss/actor": loss, "sac/entropy": -log_prob.mean(), "sac/kl_prior": kl,
+                  "log_prob": jax.lax.stop_gradient(log_prob.mean())}
+
+
+def temperature_loss(log_alpha, log_prob, target_entropy: float):
+    """Automatic entropy temperature (their Eq. 18): J(alpha) = E[-alpha (log pi(z|s) + H_target)],
+    with alpha = exp(log_alpha) and log pi from the actor step (no gradient to the encoder)."""
+    return -jnp.exp(log_alpha) * (log_prob + target_entropy)
+
+
+def init_sac(key, obs_size: int, latent_size: int, args: Args, optimizer):
+    """A fresh SAC learner: encoder at the prior, new twin critics, targets equal to them, alpha
+    at its initial value, new optimizer states. Called at the start of every stage (which then
+    keeps the previous stage's alpha)."""
+    k_encoder, k_critic = jax.random.split(key)
+    params = {
+        "encoder": init_encoder(k_encoder, obs_size, latent_size, args),
+        "critic": init_critics(k_critic, obs_size, latent_size, args),
+        "log_alpha": jnp.log(jnp.float32(args.init_alpha)),
+    }
+    params["target_critic"] = jax.tree.map(jnp.copy, params["critic"])
+    opt_state = {k: optimizer.init(params[k]) for k in ("encoder", "critic", "log_alpha")}
+    return params, opt_state
+
+
+def make_sac_update(optimizer, target_entropy: float, args: Args):
+    """One gradient step: critics, then the encoder against the updated critics, then the
+    temperature, then the Polyak update of the target critics."""
+
+    def apply(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def sac_update(carry, key, buffer, norm):
+        params, opt_state = carry
+        k_batch, k_critic, k_actor = jax.random.split(key, 3)
+        batch = replay_sample(buffer, k_batch, args.batch_size)
+        batch = dict(batch, obs=common.normalize(norm, batch["obs"]),
+                     next_obs=common.normalize(norm, batch["next_obs"]))
+        alpha = jnp.exp(params["log_alpha"])
+
+        grads, critic_metrics = jax.grad(critic_loss, has_aux=True)(
+            params["critic"], params["encoder"], params["target_critic"], alpha, batch, k_critic, args)
+        critic, critic_opt = apply(grads, opt_state["critic"], params["critic"])
+
+        grads, actor_metrics = jax.grad(actor_loss, has_aux=True)(
+            params["encoder"], critic, alpha, batch["obs"], k_actor, args.kl_beta)
+        enc, enc_opt = apply(grads, opt_state["encoder"], params["encoder"])
+
+        log_prob = actor_metrics.pop("log_prob")
+        alpha_loss, grads = jax.value_and_grad(temperature_loss)(params["log_alpha"], log_prob, target_entropy)
+        log_alpha, alpha_opt = apply(grads, opt_state["log_alpha"], params["log_alpha"])
+
+        params = {"encoder": enc, "critic": critic, "log_alpha": log_alpha,
+                  "target_critic": polyak(params["target_critic"], critic, args.tau)}
+        opt_state = {"encoder": enc_opt, "critic": critic_opt, "log_alpha": alpha_opt}
+        metrics = {**critic_metrics, **actor_metrics, "loss/temperature": alpha_loss, "sac/alpha": alpha}
+        return (params, opt_state), metrics
+
+    return sac_update
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted training chunk: chunk_length environment steps, each followed by UTD updates
+# ---------------------------------------------------------------------------------------------
+
+
+def make_act(args: Args):
+    """The latent policy's environment action: a = g(s, z), or a = z for plain SAC."""
+
+    def act(state, obs, z):
+        if args.plain_sac:
+            return z
+        return decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, args.diffusion_steps)
+
+    return act
+
+
+def make_train_chunk(env, optimizer, target_entropy: float, args: Args):
+    sac_update = make_sac_update(optimizer, target_entropy, args)
+    num_updates = updates_per_env_step(args)
+    act = make_act(args)
+
+    def learn(operands):
+        params, opt_state, buffer, norm, key = operands
+        (params, opt_state), metrics = jax.lax.scan(
+            lambda carry, k: sac_update(carry, k, buffer, norm), (params, opt_state),
+            jax.random.split(key, num_updates))
+        return params, opt_state, jax.tree.map(jnp.mean, metrics)
+
+    def env_step(state, key):
+        k_act, k_learn = jax.random.split(key)
+        env_state, norm = state["env_state"], state["norm"]
+        obs = env_state.obs
+        z, _, _, _ = sample_latent(state["params"]["encoder"], common.normalize(norm, obs), k_act)
+        action = act(state, obs, z)
+        next_env_state = env.step(env_state, action)
+        truncation = next_env_state.info["truncation"]
+        transition = {
+            "obs": obs,
+            "latent": z,  # SAC's action in the latent MDP; the decoder is part of the dynamics
+            "reward": next_env_state.reward,
+            "next_obs": next_env_state.info["next_obs"],  # the true next observation, also at a reset
+            "termination": next_env_state.done * (1.0 - truncation),
+        }
+        buffer = replay_add(state["buffer"], transition)
+        norm = common.normalizer_update(norm, obs)
+
+        # Warm-up: no gradient step until the stage's buffer holds learning_starts transitions.
+        operands = (state["params"], state["opt_state"], buffer, norm, k_learn)
+        skip_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(learn, operands)[2])
+        params, opt_state, metrics = jax.lax.cond(
+            buffer["size"] >= args.learning_starts, learn,
+            lambda ops: (ops[0], ops[1], skip_metrics), operands)
+        learned = (buffer["size"] >= args.learning_starts).astype(jnp.float32)
+
+        done = next_env_state.done
+        info = {"learned": learned, "episodes": done.sum(),
+                "return_sum": (next_env_state.info["episode_metrics"]["sum_reward"] * done).sum(),
+                "action_abs": jnp.abs(jnp.tanh(action)).mean(), "latent_abs": jnp.abs(z).mean()}
+        state = dict(state, params=params, opt_state=opt_state, buffer=buffer, norm=norm, env_state=next_env_state)
+        return state, (metrics, info)
+
+    def train_chunk(state, key):
+        state, (metrics, info) = jax.lax.scan(env_step, state, jax.random.split(key, args.chunk_length))
+        n_learned = info["learned"].sum()
+        # Averages over the environment steps that made gradient steps (zeros during warm-up).
+        metrics = jax.tree.map(lambda m: (m * info["learned"]).sum() / jnp.maximum(n_learned, 1.0), metrics)
+        episodes = info["episodes"].sum()
+        metrics.update({
+            "train/episode_return": jnp.where(episodes > 0, info["return_sum"].sum() / jnp.maximum(episodes, 1), jnp.nan),
+            "train/episodes": episodes,
+            "train/action_abs_mean": info["action_abs"].mean(),
+            "train/latent_abs_mean": info["latent_abs"].mean(),
+            "sac/gradient_steps": n_learned * num_updates,
+            "buffer/size": state["buffer"]["size"],
+        })
+        return state, metrics
+
+    return train_chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder refinement: a fresh dataset from the frozen encoder, then denoising from the prior
+# ---------------------------------------------------------------------------------------------
+
+
+def make_refinement(env, args: Args):
+    decoder_optimizer = optax.adam(args.refine_learning_rate)
+    num_minibatches = refine_dataset_size(args) // args.refine_batch_size
+    act = make_act(args)
+
+    def collect(state, key):
+        """(observation, pre-squash action) pairs from the frozen encoder (sampling z) and the
+        current decoder: refine_iterations full episodes in each of refine_envs environments.
+        Fresh rollouts, not the replay buffer (paper 002, F.2)."""
+        k_reset, k_rollout = jax.random.split(key)
+        env_state = common.reset_envs(env, k_reset, args.refine_envs)
+
+        def policy(obs, key):
+            z, _, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key)
+            return act(state, obs, z), {}
+
+        steps = args.refine_iterations * common.EPISODE_LENGTH
+        _, data = common.rollout(env, env_state, policy, k_rollout, steps)
+        dataset = {k: data[k].reshape(-1, data[k].shape[-1]) for k in ("obs", "action")}
+        return dataset, common.completed_episode_return(data)[0]
+
+    def fit(decoder_params, decoder_norm, dataset, key):
+        """Eq. 4: minimize the denoising loss over the dataset, the noise (the decoder's latent)
+        drawn fresh from the fixed prior N(0, I) and the step k uniform in 1..T."""
+        T = args.diffusion_steps
+
+        def draw(batch, key):
+            k_noise, k_step = jax.random.split(key)
+            actions = batch["action"]
+            noise = jax.random.normal(k_noise, actions.shape)
+            return noise, jax.random.randint(k_step, actions.shape[:-1], 1, T + 1)
+
+        def update(carry, batch):
+            params, opt_state, key = carry
+            key, k_draw = jax.random.split(key)
+            noise, k = draw(batch, k_draw)
+            loss, grads = jax.value_and_grad(diffusion_loss)(params, batch["obs"], batch["action"], noise, k, T)
+            updates, opt_state = decoder_optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, key), {"loss": loss}
+
+        k_sgd, k_carry, k_final = jax.random.split(key, 3)
+        data = dict(dataset, obs=common.normalize(decoder_norm, dataset["obs"]))
+        carry = (decoder_params, decoder_optimizer.init(decoder_params), k_carry)
+        (params, _, _), metrics = common.minibatch_sgd(update, carry, data, k_sgd, args.refine_epochs, num_minibatches)
+        head = jax.tree.map(lambda x: x[: args.refine_batch_size], data)
+        noise, k = draw(head, k_final)
+        final_loss = diffusion_loss(params, head["obs"], head["action"], noise, k, T)
+        return params, {"refine/loss_mean": metrics["loss"], "refine/loss_final": final_loss}
+
+    return jax.jit(collect), jax.jit(fit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage checkpoints, resume and the stage table
+# ---------------------------------------------------------------------------------------------
+
+
+def completed_stages(run_dir: str) -> list[int]:
+    names = glob.glob(os.path.join(run_dir, "checkpoints", "stage*.pkl"))
+    return sorted(int(re.search(r"stage(\d+)\.pkl$", n).group(1)) for n in names)
+
+
+def print_stage_table(rows: list[dict], run_dir: str) -> None:
+    lines = ["| stage | steps at end | eval return at end | eval return, prior latents + refined decoder |",
+             "|---|---|---|---|"]
+    for r in rows:
+        refined = f"{r['refined_prior_return']:.1f}" if r.get("refined_prior_return") is not None else "-"
+        lines.append(f"| S{r['stage']} | {r['step']:,} | {r['return']:.1f} | {refined} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(run_dir, "stages.md"), "w") as f:
+        f.write(table + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# main: the stage loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> None:
+    if args.resume:
+        args = common.args_from_run(Args, args.resume, resume=args.resume)
+    validate(args)
+
+    env = make_env(args.env_name, args.impl)
+    obs_size, action_size = env.observation_size, env.action_size
+    target_entropy = -float(action_size) if args.target_entropy is None else args.target_entropy
+    optimizer = optax.adam(args.learning_rate)
+    run = common.Run(args, "sac_plain" if args.plain_sac else "gorl_sac", run_dir=args.resume)
+    budgets, per_chunk = stage_budgets(args), steps_per_chunk(args)
+    total_steps = sum(chunks_in_stage(args, m) for m in range(len(budgets))) * per_chunk
+
+    train_chunk = jax.jit(make_train_chunk(env, optimizer, target_entropy, args), donate_argnums=0)
+    collect, fit = make_refinement(env, args)
+    evaluator = common.make_evaluator(env, args.num_eval_envs)
+    act = make_act(args)
+
+    @jax.jit
+    def evaluate_jit(state, key, prior_latents):
+        def policy(obs):
+            z, _ = encoder(state["params"]["encoder"], common.normalize(state["norm"], obs))
+            return act(state, obs, jnp.where(prior_latents, jnp.zeros_like(z), z))
+
+        return evaluator(policy, key)
+
+    def evaluate(state, key, prior_latents=False):
+        """Deterministic policy: the encoder's mean latent (or the prior's mean, 0), then g(s, z).
+        One compiled function for both uses (the flag is an array, not a static argument)."""
+        return evaluate_jit(state, key, jnp.asarray(prior_latents))
+
+    key = jax.random.PRNGKey(args.seed)
+    key, k_decoder, k_env = jax.random.split(key, 3)
+    state = {
+        "params": None,
+        "norm": common.normalizer_init(obs_size),
+        "decoder": init_decoder(k_decoder, obs_size, action_size, args),  # stage 0: the identity
+        "decoder_norm": common.normalizer_init(obs_size),
+    }
+    step, first_stage, stage_rows = 0, 0, []
+    done = completed_stages(run.dir) if args.resume else []
+    if done:
+        saved = common.load_checkpoint(run.checkpoint_path(f"stage{done[-1]}.pkl"))
+        state = {k: saved[k] for k in ("params", "norm", "decoder", "decoder_norm")}
+        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], done[-1] + 1
+        # Rows past the checkpoint, and the refinement logged at its step, are about to run again.
+        run.rows = [r for r in run.rows if int(float(r["step"])) < step
+                    or (int(float(r["step"])) == step and not r.get("refine/loss_final"))]
+        run.forget_after(step)
+        print(f"resuming after stage {done[-1]} at step {step:,}")
+    state["env_state"] = jax.jit(env.reset)(jax.random.split(k_env, args.num_envs))
+    example = {"obs": jnp.zeros((1, obs_size)), "latent": jnp.zeros((1, action_size)),
+               "reward": jnp.zeros((1,)), "next_obs": jnp.zeros((1, obs_size)), "termination": jnp.zeros((1,))}
+
+    print(f"{args.env_name}: {'plain Gaussian SAC' if args.plain_sac else 'GoRL-SAC'}, stages "
+          f"{[f'{chunks_in_stage(args, m) * per_chunk:,}' for m in range(len(budgets))]} steps, "
+          f"{updates_per_env_step(args)} gradient steps per step of {args.num_envs} environments")
+    start = time.time()
+    try:
+        for stage in range(first_stage, len(budgets)):
+            if stage > 0:
+                # ---- decoder refinement between stage m-1 and stage m (encoder frozen)
+                key, k_collect, k_fit, k_eval = jax.random.split(key, 4)
+                t0 = time.time()
+                dataset, collect_return = collect(state, k_collect)
+                # The decoder keeps the normalizer it was fitted with: it is a fixed function of
+                # the raw state for the whole next stage, while the encoder's statistics move on.
+                decoder, metrics = fit(state["decoder"], state["norm"], dataset, k_fit)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
+                state = dict(state, decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state["norm"]))
+                refined_return = float(evaluate(state, k_eval, True))
+                metrics.update({"refine/collect_return": float(collect_return),
+                                "refine/prior_latent_return": refined_return,
+                                "refine/transitions": refine_dataset_size(args),
+                                "refine/seconds": time.time() - t0})
+                run.log(step, metrics)
+                stage_rows[-1]["refined_prior_return"] = refined_return
+                print(f"refined decoder before stage {stage}: denoising loss {metrics['refine/loss_final']:.4f}, "
+                      f"eval return with prior latents {refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
+            # ---- stage m: a fresh SAC learner in the new latent MDP, the decoder frozen.
+            # The refined decoder changed what every latent means: a stored (s, z, r, s') was
+            # produced by the *old* decoder's action g_old(s, z), so under g_new the same z leads
+            # to another action and the transition is not a sample of the new latent MDP. Q(s, z)
+            # learned on those transitions is likewise a value of the old latent MDP. Relabeling
+            # would need g_new^{-1}(s, a) for every stored action (an approximate DDIM inversion),
+            # so we take the simple correct option: empty the replay buffer and re-initialize the
+            # critics, their targets and the optimizer states together with the encoder (to the
+            # prior). Nothing is lost that the next steps do not recover: with z ~ N(0, I) the
+            # refined decoder reproduces the previous stage's action distribution, so the
+            # learning_starts warm-up transitions, collected with the prior encoder, come from the
+            # previous policy, on-policy for the fresh learner, and the new critics start there.
+            # The entropy temperature alpha is kept: it is the multiplier of the entropy
+            # constraint on a Gaussian over the same latent space with the same prior, which
+            # refinement does not change. Reset to init_alpha, it made the fresh encoder first
+            # widen past the prior (scale up to 2), into latents the decoder never saw, losing the
+            # previous policy the prior reproduces (CartpoleBalance, alpha 0.02 -> 0.1: the eval
+            # return fell from 383 with prior latents to 240 over stage 1).
+            # Stage 0 runs the same way with the identity decoder and alpha = init_alpha.
+            key, k_sac = jax.random.split(key)
+            params, opt_state = init_sac(k_sac, obs_size, action_size, args, optimizer)
+            if state["params"] is not None:
+                params["log_alpha"] = state["params"]["log_alpha"]
+            state = dict(state, params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
+            end_step = step + chunks_in_stage(args, stage) * per_chunk
+            print(f"stage {stage}: latent SAC from step {step:,} to {end_step:,}")
+            state, key, step, stage_return = common.run_iterations(
+                run, train_chunk, state, key, step=step, end_step=end_step, steps_per_iteration=per_chunk,
+                total_steps=total_steps, eval_every=args.eval_every, evaluate=evaluate, stage=stage,
+            )
+            stage_rows.append({"stage": stage, "step": step, "return": stage_return})
+            # Stage m's encoder and critics, the normalizer and the decoder they ran with. The
+            # buffer is not saved: the next stage starts with an empty one. Resuming after
+            # stage m repeats only the refinement, from the same key.
+            common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"), {
+                **{k: state[k] for k in ("params", "norm", "decoder", "decoder_norm")},
+                "step": step, "key": key, "stage_rows": stage_rows,
+            })
+    except KeyboardInterrupt:
+        print(f"interrupted; resume from the last completed stage with: python gorl_sac.py --resume {run.dir}")
+        raise
+    finally:
+        run.close()
+    print(f"done: {step:,} steps in {time.time() - start:.0f}s")
+    print_stage_table(stage_rows, run.dir)
+    print(f"run folder: {run.dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
