@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
 from typing import Any, Callable, NamedTuple
@@ -467,6 +469,24 @@ class Run:
             parts.append(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}")
         parts.append(f"elapsed {_hms(elapsed)}")
         print(" | ".join(parts), flush=True)
+
+    def completed_stages(self) -> list[int]:
+        """Stages K with a saved checkpoints/stageK.pkl (GoRL's unit of resumption)."""
+        names = glob.glob(os.path.join(self.dir, "checkpoints", "stage*.pkl"))
+        return sorted(int(re.search(r"stage(\d+)\.pkl$", n).group(1)) for n in names)
+
+    def write_stage_table(self, rows: list[dict]) -> None:
+        """Print and save (stages.md) the evaluation return at each stage boundary: the S0..S3
+        table of paper 002, with the return of the refined decoder under prior latents."""
+        lines = ["| stage | steps at end | eval return at end | eval return, prior latents + refined decoder |",
+                 "|---|---|---|---|"]
+        for r in rows:
+            refined = f"{r['refined_prior_return']:.1f}" if r.get("refined_prior_return") is not None else "-"
+            lines.append(f"| S{r['stage']} | {r['step']:,} | {r['return']:.1f} | {refined} |")
+        table = "\n".join(lines)
+        print(table)
+        with open(os.path.join(self.dir, "stages.md"), "w") as f:
+            f.write(table + "\n")
 
     def close(self) -> None:
         self.tb.close()

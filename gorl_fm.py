@@ -16,9 +16,7 @@ and the environment receives tanh(a). Training alternates in stages (Algorithm 1
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
-import re
 import time
 
 import jax
@@ -390,28 +388,6 @@ def make_refinement(env, args: Args):
     return jax.jit(collect), jax.jit(fit)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage checkpoints and resume
-# ---------------------------------------------------------------------------------------------
-
-
-def completed_stages(run_dir: str) -> list[int]:
-    names = glob.glob(os.path.join(run_dir, "checkpoints", "stage*.pkl"))
-    return sorted(int(re.search(r"stage(\d+)\.pkl$", n).group(1)) for n in names)
-
-
-def print_stage_table(rows: list[dict], run_dir: str) -> None:
-    lines = ["| stage | steps at end | eval return at end | eval return, prior latents + refined decoder |",
-             "|---|---|---|---|"]
-    for r in rows:
-        refined = f"{r['refined_prior_return']:.1f}" if r.get("refined_prior_return") is not None else "-"
-        lines.append(f"| S{r['stage']} | {r['step']:,} | {r['return']:.1f} | {refined} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(run_dir, "stages.md"), "w") as f:
-        f.write(table + "\n")
-
-
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
@@ -452,7 +428,7 @@ def main(args: Args) -> None:
         state.update(decoder=source["decoder"], decoder_norm=source["decoder_norm"])
         print(f"decoder frozen from {args.frozen_decoder}; no refinement in this run")
     step, first_stage, stage_rows = 0, 0, []
-    done = completed_stages(run.dir) if args.resume else []
+    done = run.completed_stages() if args.resume else []
     if done:
         saved = common.load_checkpoint(run.checkpoint_path(f"stage{done[-1]}.pkl"))
         state = {k: saved[k] for k in ("params", "norm", "decoder", "decoder_norm")}
@@ -509,7 +485,7 @@ def main(args: Args) -> None:
     finally:
         run.close()
     print(f"done: {step:,} steps in {time.time() - start:.0f}s")
-    print_stage_table(stage_rows, run.dir)
+    run.write_stage_table(stage_rows)
     print(f"run folder: {run.dir}")
 
 

@@ -27,9 +27,6 @@ every DMC task of MuJoCo Playground (see `make_env`).
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
-import re
 import time
 
 import jax
@@ -681,28 +678,6 @@ def make_refinement(env, args: Args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage checkpoints, resume and the stage table
-# ---------------------------------------------------------------------------------------------
-
-
-def completed_stages(run_dir: str) -> list[int]:
-    names = glob.glob(os.path.join(run_dir, "checkpoints", "stage*.pkl"))
-    return sorted(int(re.search(r"stage(\d+)\.pkl$", n).group(1)) for n in names)
-
-
-def print_stage_table(rows: list[dict], run_dir: str) -> None:
-    lines = ["| stage | steps at end | eval return at end | eval return, prior latents + refined decoder |",
-             "|---|---|---|---|"]
-    for r in rows:
-        refined = f"{r['refined_prior_return']:.1f}" if r.get("refined_prior_return") is not None else "-"
-        lines.append(f"| S{r['stage']} | {r['step']:,} | {r['return']:.1f} | {refined} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(run_dir, "stages.md"), "w") as f:
-        f.write(table + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
 # main: the stage loop
 # ---------------------------------------------------------------------------------------------
 
@@ -747,7 +722,7 @@ def main(args: Args) -> None:
         "decoder_norm": common.normalizer_init(obs_size),
     }
     step, first_stage, stage_rows = 0, 0, []
-    done = completed_stages(run.dir) if args.resume else []
+    done = run.completed_stages() if args.resume else []
     if done:
         saved = common.load_checkpoint(run.checkpoint_path(f"stage{done[-1]}.pkl"))
         state = {k: saved[k] for k in ("params", "norm", "decoder", "decoder_norm")}
@@ -831,7 +806,7 @@ def main(args: Args) -> None:
     finally:
         run.close()
     print(f"done: {step:,} steps in {time.time() - start:.0f}s")
-    print_stage_table(stage_rows, run.dir)
+    run.write_stage_table(stage_rows)
     print(f"run folder: {run.dir}")
 
 
