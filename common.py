@@ -426,9 +426,19 @@ class Run:
         self.last_print = 0.0
         print(f"run folder: {run_dir}", flush=True)
 
-    def forget_after(self, step: int) -> None:
-        """Drop logged rows past `step` (a resumed run repeats them from its checkpoint)."""
-        self.rows = [r for r in self.rows if int(float(r["step"])) <= step]
+    def forget_after(self, step: int, refinement_at_step: bool = False) -> None:
+        """Drop logged rows past `step` (a resumed run repeats them from its checkpoint).
+
+        A GoRL stage checkpoint is written before the refinement that follows it, which logs at
+        the same step; `refinement_at_step` drops that row too, since resuming redoes it.
+        """
+
+        def repeated(r):
+            at = int(float(r["step"]))
+            return at > step or (refinement_at_step and at == step and any(
+                k.startswith("refine/") and v not in (None, "") for k, v in r.items()))
+
+        self.rows = [r for r in self.rows if not repeated(r)]
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()

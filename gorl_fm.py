@@ -433,7 +433,7 @@ def main(args: Args) -> None:
         saved = common.load_checkpoint(run.checkpoint_path(f"stage{done[-1]}.pkl"))
         state = {k: saved[k] for k in ("params", "norm", "decoder", "decoder_norm")}
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], done[-1] + 1
-        run.forget_after(step)
+        run.forget_after(step, refinement_at_step=True)
         print(f"resuming after stage {done[-1]} at step {step:,}")
     state["env_state"] = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
 

@@ -727,10 +727,7 @@ def main(args: Args) -> None:
         saved = common.load_checkpoint(run.checkpoint_path(f"stage{done[-1]}.pkl"))
         state = {k: saved[k] for k in ("params", "norm", "decoder", "decoder_norm")}
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], done[-1] + 1
-        # Rows past the checkpoint, and the refinement logged at its step, are about to run again.
-        run.rows = [r for r in run.rows if int(float(r["step"])) < step
-                    or (int(float(r["step"])) == step and not r.get("refine/loss_final"))]
-        run.forget_after(step)
+        run.forget_after(step, refinement_at_step=True)
         print(f"resuming after stage {done[-1]} at step {step:,}")
     state["env_state"] = jax.jit(env.reset)(jax.random.split(k_env, args.num_envs))
     example = {"obs": jnp.zeros((1, obs_size)), "latent": jnp.zeros((1, action_size)),

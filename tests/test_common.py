@@ -466,6 +466,12 @@ def test_run_folder_config_csv_tensorboard(tmp_path):
     assert [(r["step"], r["loss/a"], r["eval/return"], r["new"]) for r in rows] == [
         ("10", "1.5", "", ""), ("20", "2.5", "7.0", ""), ("30", "4.5", "1.0", ""), ("40", "5.5", "", "2.0")
     ]
+    # A GoRL stage ends at step 40; its refinement logs at the same step and is redone on resume.
+    again.log(40, {"refine/loss_final": 0.3})
+    again.log(50, {"loss/a": 6.5})
+    again.forget_after(40, refinement_at_step=True)
+    header, rows = read_csv(again.csv_path)
+    assert [(r["step"], r["loss/a"]) for r in rows] == [("10", "1.5"), ("20", "2.5"), ("30", "4.5"), ("40", "5.5")]
     again.close()
 
 
