@@ -352,18 +352,6 @@ def polyak(target, online, tau: float):
 # ---------------------------------------------------------------------------------------------
 
 
-def cosine_schedule(num_steps: int, s: float = 0.008) -> np.ndarray:
-    """alpha_bar_k for k = 0..T of the cosine schedule (Nichol & Dhariwal, 2021), alpha_bar_0 = 1.
-
-    In float64: betas clipped at 0.999 as usual, so alpha_bar_T is small (2.4e-5 for T = 10)
-    but not 0, and x_T = sqrt(alpha_bar_T) a + sqrt(1 - alpha_bar_T) eps is almost pure noise.
-    """
-    t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
-    f = np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
-    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
-    return np.concatenate([[1.0], np.cumprod(1.0 - betas)])
-
-
 def diffusion_coefficients(num_steps: int) -> dict[str, jax.Array]:
     """The constants of the forward process, the DDIM step and the identity skip, k = 1..T.
 
@@ -385,7 +373,7 @@ def diffusion_coefficients(num_steps: int) -> dict[str, jax.Array]:
     (E[eps | x_k] = sqrt(1 - ab_k) x_k): the skip is the "decoder = identity" noise predictor.
     Training is unchanged: eps_hat regresses the noise (Eq. 17).
     """
-    ab = cosine_schedule(num_steps)
+    ab = common.cosine_alpha_bar(num_steps)
     a_k, a_prev = np.sqrt(ab[1:]), np.sqrt(ab[:-1])
     s_k, s_prev = np.sqrt(1.0 - ab[1:]), np.sqrt(1.0 - ab[:-1])
     A = a_prev / a_k
@@ -399,16 +387,9 @@ def diffusion_coefficients(num_steps: int) -> dict[str, jax.Array]:
     }
 
 
-def step_embedding(k, num_steps: int, dim: int = 8):
-    """Sinusoidal features of the diffusion step k / T in [0, 1] at octave frequencies."""
-    freqs = jnp.pi * 2.0 ** jnp.arange(dim // 2)
-    angles = (k / num_steps)[..., None] * freqs
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
 def init_decoder(key, obs_size: int, action_size: int, args: Args):
     """A zero output layer gives f_phi = 0, so every DDIM step is the identity: g(s, z) = z."""
-    params = common.mlp_init(key, [obs_size + action_size + 8, *args.decoder_hidden, action_size])
+    params = common.mlp_init(key, [obs_size + action_size + common.TIME_EMBEDDING_SIZE, *args.decoder_hidden, action_size])
     params[-1] = jax.tree.map(jnp.zeros_like, params[-1])
     return params
 
@@ -416,7 +397,7 @@ def init_decoder(key, obs_size: int, action_size: int, args: Args):
 def residual(params, obs, x_k, k, num_steps: int):
     """f_phi(s, x_k, k): the network's part of the noise prediction."""
     k = jnp.broadcast_to(k, x_k.shape[:-1]).astype(jnp.float32)
-    return common.mlp_apply(params, jnp.concatenate([obs, x_k, step_embedding(k, num_steps)], axis=-1))
+    return common.mlp_apply(params, jnp.concatenate([obs, x_k, common.time_embedding(k / num_steps)], axis=-1))
 
 
 def predict_noise(params, obs, x_k, k, coef, num_steps: int):

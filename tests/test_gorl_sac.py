@@ -200,7 +200,7 @@ def test_ddim_sampler_is_textbook_ddim_with_the_skip_noise_prediction():
     params[-1] = jax.tree.map(lambda p: 0.01 * p, params[-1])
     obs = jax.random.normal(jax.random.PRNGKey(12), (16, OBS))
     z = jax.random.normal(jax.random.PRNGKey(13), (16, LATENT))
-    ab = gorl_sac.cosine_schedule(T)
+    ab = common.cosine_alpha_bar(T)
     coef = gorl_sac.diffusion_coefficients(T)
     x = np.asarray(z, np.float64)
     for k in range(T, 0, -1):
