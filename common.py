@@ -56,6 +56,23 @@ def check_args(checks: list[tuple[bool, str]]) -> None:
         sys.exit("error: " + "\n       ".join(errors))
 
 
+def ppo_layout_checks(args) -> list[tuple[bool, str]]:
+    """The flag checks every PPO-family script shares (task, backend, batch layout, evaluation),
+    for `check_args`: one iteration is batch_size * num_minibatches sequences of unroll_length
+    steps, spread evenly over num_envs environments."""
+    sequences = args.batch_size * args.num_minibatches
+    return [
+        env_name_check(args.env_name),
+        (args.impl in IMPLS, f"--impl must be one of {IMPLS}, got {args.impl!r}"),
+        (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
+         "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
+        (sequences % max(args.num_envs, 1) == 0,
+         f"--batch-size * --num-minibatches = {sequences} sequences per iteration must be a multiple of "
+         f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
+        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
+    ]
+
+
 def make_env(name: str, impl: str = "jax", episode_length: int = EPISODE_LENGTH):
     """A batched DMC task: auto-reset, episode bookkeeping, tanh-squashed actions.
 

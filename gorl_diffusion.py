@@ -140,15 +140,8 @@ def refine_dataset_size(args: Args) -> int:
 def validate(args: Args) -> None:
     """Reject bad flag values before anything is compiled."""
     per_iter = steps_per_iteration(args)
-    sequences = args.batch_size * args.num_minibatches
     common.check_args([
-        common.env_name_check(args.env_name),
-        (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
-        (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
-         "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
-        (sequences % args.num_envs == 0,
-         f"--batch-size * --num-minibatches = {sequences} sequences per iteration must be a multiple of "
-         f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
+        *common.ppo_layout_checks(args),
         (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
         (all(n >= per_iter for n in args.stage_steps),
          f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
@@ -161,7 +154,6 @@ def validate(args: Args) -> None:
         (0 < args.refine_batch_size <= refine_dataset_size(args),
          f"--refine-batch-size {args.refine_batch_size} must be in [1, the refinement dataset size "
          f"{refine_dataset_size(args):,} = refine_envs * refine_iterations * {common.EPISODE_LENGTH}]"),
-        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
         (args.refine_latents in ("prior", "encoder"), f"--refine-latents must be prior or encoder, got {args.refine_latents!r}"),
         (args.frozen_decoder is None or os.path.isfile(args.frozen_decoder),
          f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.pkl)"),

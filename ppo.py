@@ -80,19 +80,11 @@ def steps_per_iteration(args: Args) -> int:
 
 def validate(args: Args) -> None:
     """Reject bad flag values before anything is compiled."""
-    sequences = args.batch_size * args.num_minibatches
     common.check_args([
-        common.env_name_check(args.env_name),
-        (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
-        (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
-         "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
-        (sequences % args.num_envs == 0,
-         f"--batch-size * --num-minibatches = {sequences} sequences per iteration must be a multiple of "
-         f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
+        *common.ppo_layout_checks(args),
         (args.total_timesteps >= steps_per_iteration(args),
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
          f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
-        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
     ])
 
 
