@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from brax.envs.wrappers import training as brax_wrappers
 from mujoco_playground import registry
 from mujoco_playground import wrapper as playground_wrapper
@@ -71,6 +72,67 @@ def ppo_layout_checks(args) -> list[tuple[bool, str]]:
          f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
         (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-task settings: the values the released code sets per task, resolved in one place
+# ---------------------------------------------------------------------------------------------
+
+# What the newest release of the original code (bennidict23/GoRL, configs/tasks/*.toml and the
+# profile overrides of configs/methods/*.toml) or MuJoCo Playground's tuned Brax PPO configs
+# (which older releases read) set per task. Keys are Args field names; a nested dict under an
+# algorithm's name applies to that algorithm only. A flag whose value depends on the task
+# defaults to None, "the task's value", and `resolve_task_settings` fills it in; config.json
+# records the resolved values. Per-stage exceptions of single tasks that the release also has
+# (e.g. FingerTurnHard's stage-3 KL weight) are listed in the README, not reproduced.
+TASK_SETTINGS: dict[str, dict] = {
+    "BallInCup": {"discount": 0.95},  # Playground's brax_ppo_config
+    "FingerSpin": {"discount": 0.95, "gorl_fm": {"refine_metric": "val_endpoint_mse"}},
+    "FingerTurnHard": {"gorl_fm": {"max_grad_norm": 1.0}},
+    "FishSwim": {"gorl_fm": {"refine_metric": "val_endpoint_mse"}},
+    "WalkerWalk": {"gorl_fm": {"max_grad_norm": 1.0, "kl_beta": 3e-3}},
+    "HopperStand": {"gorl_fm": {"decoder_hidden": (64, 64, 64, 64), "decoder_target_clip": 0.0}},
+    "HumanoidStand": {"profile": "humanoid", "gorl_fm": {"refine_episodes": 128},
+                      "gorl_diffusion": {"refine_episodes": 128}},
+    "HumanoidRun": {"profile": "humanoid", "stage_steps": (60_000_000, 60_000_000)},
+}
+
+# Profiles of the release: every DMC task is "dm_control" unless TASK_SETTINGS says otherwise.
+# The humanoid profile (paper 002's 21-D HumanoidStand / HumanoidRun) bounds the latent, clips
+# the ratio at 0.3 in every stage, regresses the decoder onto the environment's (bounded)
+# action, collects fewer refinement episodes and evaluates the stochastic policy.
+_HUMANOID_GORL = {"bounded_latent": True, "stage0_clip_eps": 0.3, "clip_eps": 0.3, "refine_episodes": 1024,
+                  "action_semantics": "bounded", "decoder_target_clip": 1.0, "deterministic_eval": False}
+PROFILES: dict[str, dict] = {
+    "dm_control": {},
+    "humanoid": {
+        "ppo": {"learning_rate": 1e-3, "clip_eps": 0.3, "max_grad_norm": 0.0, "deterministic_eval": False},
+        "gorl_fm": _HUMANOID_GORL,
+        "gorl_diffusion": {**_HUMANOID_GORL, "decoder_hidden": (128, 128, 128, 128)},
+    },
+}
+
+
+def task_profile(env_name: str) -> str:
+    return TASK_SETTINGS.get(env_name, {}).get("profile", "dm_control")
+
+
+def resolve_task_settings(args, algo: str, defaults: dict):
+    """`args` with every task-dependent flag left at None replaced by the task's value.
+
+    `defaults` maps each task-dependent field of the algorithm's Args to its value on a task
+    that sets nothing. Precedence: the task's entry for this algorithm, the task's entry for
+    every algorithm, the task's profile for this algorithm, then `defaults`. A flag given on
+    the command line (not None) always wins.
+    """
+    task = TASK_SETTINGS.get(args.env_name, {})
+    profile = PROFILES[task_profile(args.env_name)]
+    layers = (task.get(algo, {}), task, profile.get(algo, {}), defaults)
+    resolved = {}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            resolved[name] = next(layer[name] for layer in layers if name in layer)
+    return dataclasses.replace(args, **resolved)
 
 
 def make_env(name: str, impl: str = "jax", episode_length: int = EPISODE_LENGTH):
@@ -358,6 +420,73 @@ def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_
 
 
 # ---------------------------------------------------------------------------------------------
+# Decoder refinement data and training (the released protocol, shared by the GoRL decoders)
+# ---------------------------------------------------------------------------------------------
+
+
+def split_episodes(data: dict, key: jax.Array, val_fraction: float, episode_length: int = EPISODE_LENGTH):
+    """Split a rollout's arrays [T, num_envs, ...] into (train, validation) by whole episodes.
+
+    An episode is a block of `episode_length` consecutive steps of one environment (DMC tasks
+    never terminate early, so these are exactly the episodes). `max(1, int(n * val_fraction))`
+    of the n episodes, chosen at random, are held out; both parts come back flattened to
+    [transitions, ...]. Holding out episodes, not transitions, keeps correlated neighbouring
+    steps of one episode from sitting on both sides of the split.
+    """
+    num_steps, num_envs = jax.tree.leaves(data)[0].shape[:2]
+    per_env = num_steps // episode_length
+    num_episodes = per_env * num_envs
+    num_val = max(1, int(num_episodes * val_fraction))
+
+    def episodes(x):  # [per_env * L, E, ...] -> [per_env * E, L, ...]
+        x = x.reshape(per_env, episode_length, num_envs, *x.shape[2:])
+        return jnp.swapaxes(x, 1, 2).reshape(num_episodes, episode_length, *x.shape[3:])
+
+    order = jax.random.permutation(key, num_episodes)
+    take = lambda ids: jax.tree.map(lambda x: episodes(x)[ids].reshape(-1, *x.shape[2:]), data)  # noqa: E731
+    return take(order[num_val:]), take(order[:num_val])
+
+
+def fit_keep_best(loss_fn: Callable, val_fn: Callable, params: Any, optimizer, train: dict, key: jax.Array, *,
+                  num_steps: int, batch_size: int, eval_every: int):
+    """`num_steps` Adam steps on `loss_fn(params, batch, key)`, each on `batch_size` samples drawn
+    with replacement from `train`; returns the parameters with the lowest held-out
+    `val_fn(params)`, measured before the first step and every `eval_every` steps after.
+
+    Keeping the best-validation parameters (the released code's protocol) means an overfitting
+    or diverging refinement hands the next stage the decoder from before it went wrong, the
+    untouched initial decoder included. Returns (best parameters, metrics).
+    """
+    n = jax.tree.leaves(train)[0].shape[0]
+
+    def sgd_step(carry, key):
+        params, opt_state = carry
+        k_batch, k_loss = jax.random.split(key)
+        batch = jax.tree.map(lambda x: x[jax.random.randint(k_batch, (batch_size,), 0, n)], train)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, k_loss)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    def interval(carry, key):
+        params, opt_state, best, best_val, best_step, step = carry
+        (params, opt_state), losses = jax.lax.scan(sgd_step, (params, opt_state), jax.random.split(key, eval_every))
+        step = step + eval_every
+        val = val_fn(params)
+        better = val < best_val
+        best = jax.tree.map(lambda b, p: jnp.where(better, p, b), best, params)
+        best_val, best_step = jnp.where(better, val, best_val), jnp.where(better, step, best_step)
+        return (params, opt_state, best, best_val, best_step, step), (losses.mean(), val)
+
+    init_val = val_fn(params)
+    carry = (params, optimizer.init(params), params, init_val, jnp.int32(0), jnp.int32(0))
+    carry, (losses, vals) = jax.lax.scan(interval, carry, jax.random.split(key, num_steps // eval_every))
+    _, _, best, best_val, best_step, _ = carry
+    return best, {"refine/loss_mean": losses.mean(), "refine/loss_final": losses[-1],
+                  "refine/val_initial": init_val, "refine/val_final": vals[-1], "refine/val_best": best_val,
+                  "refine/best_step": best_step}
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
@@ -365,22 +494,25 @@ def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_
 def make_evaluator(env, num_envs: int = 128, episode_length: int = EPISODE_LENGTH):
     """`evaluate(act, key)`: mean return of one full episode in each of `num_envs` environments.
 
-    `act(obs) -> pre_squash_action` must be deterministic (the caller closes over parameters).
-    Rewards after an environment's first episode end are not counted.
+    `act(obs, key) -> pre_squash_action` (the caller closes over parameters) receives a fresh
+    key at every step: a deterministic policy ignores it, a stochastic evaluation (the release's
+    humanoid profile) samples with it. Rewards after an environment's first episode end are
+    not counted.
     """
 
     def evaluate(act: Callable, key: jax.Array) -> jax.Array:
         state = reset_envs(env, key, num_envs)
+        act_keys = jax.random.split(jax.random.fold_in(key, 1), episode_length)
 
-        def step(carry, _):
+        def step(carry, key):
             state, total, alive = carry
-            state = env.step(state, act(state.obs))
+            state = env.step(state, act(state.obs, key))
             total = total + alive * state.reward
             alive = alive * (1.0 - state.done)
             return (state, total, alive), None
 
         init = (state, jnp.zeros(num_envs), jnp.ones(num_envs))
-        (_, total, _), _ = jax.lax.scan(step, init, None, length=episode_length)
+        (_, total, _), _ = jax.lax.scan(step, init, act_keys)
         return total.mean()
 
     return evaluate

@@ -50,8 +50,8 @@ class Args:
     """Adam learning rate (diffusion policy and critic)"""
     max_grad_norm: float | None = None
     """clip the global gradient norm to this value (None: no clipping, as in Brax PPO)"""
-    discount: float = 0.995
-    """discount factor gamma"""
+    discount: float | None = None
+    """discount factor gamma (None: the task's value, 0.995; 0.95 on FingerSpin and BallInCup)"""
     gae_lambda: float = 0.95
     """GAE lambda"""
     clip_eps: float = 0.2
@@ -59,7 +59,7 @@ class Args:
     max_log_ratio: float = 20.0
     """clip the chain's log-ratio to [-this, this] before exp, only so that it stays finite"""
     vf_coef: float = 0.25
-    """value loss coefficient"""
+    """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     num_denoising_steps: int = 10
@@ -86,10 +86,23 @@ def steps_per_iteration(args: Args) -> int:
     return args.batch_size * args.num_minibatches * args.unroll_length
 
 
+# The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
+# configs/methods/dppo.toml has them; common.TASK_SETTINGS overrides them per task.
+TASK_DEFAULTS = {"discount": 0.995}
+
+
+def resolve(args: Args) -> Args:
+    """`args` with every task-dependent flag left at None set to the task's value."""
+    return common.resolve_task_settings(args, "dppo", TASK_DEFAULTS)
+
+
 def validate(args: Args) -> None:
-    """Reject bad flag values before anything is compiled."""
+    """Reject bad flag values before anything is compiled (task-dependent flags left at None
+    are checked at the task's value)."""
+    args = resolve(args)
     common.check_args([
         *common.ppo_layout_checks(args),
+        (0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}"),
         (args.total_timesteps >= steps_per_iteration(args),
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
          f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
@@ -216,7 +229,7 @@ def dppo_loss(params, batch, args: Args):
     # Steps with sigma = 0.05 make the chain's log-ratio move fast; the clip only keeps exp() finite.
     log_ratio = jnp.clip(log_prob - batch["log_prob"], -args.max_log_ratio, args.max_log_ratio)
     policy_loss, clip_fraction = common.clipped_surrogate(log_ratio, batch["advantage"], args.clip_eps)
-    value_loss = 0.5 * jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
     loss = policy_loss + args.vf_coef * value_loss
     return loss, {
         "loss/total": loss,
@@ -287,6 +300,7 @@ def make_train_iteration(env, optimizer, args: Args):
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
+    args = resolve(args)  # config.json records the resolved values
     validate(args)
 
     env = common.make_env(args.env_name, args.impl)
@@ -323,7 +337,7 @@ def main(args: Args) -> None:
 
         # Deterministic policy: start from the noise's mean, x_K = 0, and inject no noise in the
         # denoising steps, so the action is the chain of means.
-        def act(obs):
+        def act(obs, key):
             obs = common.normalize(norm, obs)
             x_K = jnp.zeros((*obs.shape[:-1], env.action_size))
             noise = jnp.zeros((args.num_denoising_steps, *x_K.shape))

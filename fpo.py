@@ -48,8 +48,8 @@ class Args:
     """Adam learning rate (flow policy and critic)"""
     max_grad_norm: float | None = None
     """clip the global gradient norm to this value (None: no clipping, as in Brax PPO)"""
-    discount: float = 0.995
-    """discount factor gamma"""
+    discount: float | None = None
+    """discount factor gamma (None: the task's value, 0.995; 0.95 on FingerSpin and BallInCup)"""
     gae_lambda: float = 0.95
     """GAE lambda"""
     clip_eps: float = 0.05
@@ -57,7 +57,7 @@ class Args:
     max_log_ratio: float = 5.0
     """clip L_cfm_old - L_cfm_new to [-this, this] before exp (keeps it finite; caps one sample's weight)"""
     vf_coef: float = 0.25
-    """value loss coefficient"""
+    """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     num_flow_steps: int = 10
@@ -82,10 +82,23 @@ def steps_per_iteration(args: Args) -> int:
     return args.batch_size * args.num_minibatches * args.unroll_length
 
 
+# The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
+# configs/methods/fpo.toml has them; common.TASK_SETTINGS overrides them per task.
+TASK_DEFAULTS = {"discount": 0.995}
+
+
+def resolve(args: Args) -> Args:
+    """`args` with every task-dependent flag left at None set to the task's value."""
+    return common.resolve_task_settings(args, "fpo", TASK_DEFAULTS)
+
+
 def validate(args: Args) -> None:
-    """Reject bad flag values before anything is compiled."""
+    """Reject bad flag values before anything is compiled (task-dependent flags left at None
+    are checked at the task's value)."""
+    args = resolve(args)
     common.check_args([
         *common.ppo_layout_checks(args),
+        (0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}"),
         (args.total_timesteps >= steps_per_iteration(args),
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
          f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
@@ -164,7 +177,7 @@ def fpo_loss(params, batch, args: Args):
     """PPO's clipped surrogate with the FPO ratio + value regression; no entropy term."""
     log_ratio, cfm_new = fpo_log_ratio(params["actor"], batch, args.max_log_ratio)
     policy_loss, clip_fraction = common.clipped_surrogate(log_ratio, batch["advantage"], args.clip_eps)
-    value_loss = 0.5 * jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
     loss = policy_loss + args.vf_coef * value_loss
     return loss, {
         "loss/total": loss,
@@ -239,6 +252,7 @@ def make_train_iteration(env, optimizer, args: Args):
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
+    args = resolve(args)  # config.json records the resolved values
     validate(args)
 
     env = common.make_env(args.env_name, args.impl)
@@ -274,7 +288,7 @@ def main(args: Args) -> None:
         params, _, norm, _ = state
 
         # Deterministic policy: the flow integrated from the noise's mean, x_0 = 0.
-        def act(obs):
+        def act(obs, key):
             obs = common.normalize(norm, obs)
             x_0 = jnp.zeros((*obs.shape[:-1], env.action_size))
             return sample_action(params["actor"], obs, x_0, args.num_flow_steps)

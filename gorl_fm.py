@@ -35,62 +35,95 @@ class Args:
     """random seed"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
-    stage_steps: tuple[int, ...] = (60_000_000, 60_000_000, 30_000_000, 30_000_000)
-    """environment steps of latent PPO in each stage (stage 0 uses the identity decoder)"""
-    # --- latent PPO (the encoder), paper Appendix E, Table 4
+    stage_steps: tuple[int, ...] | None = None
+    """environment steps of latent PPO in each stage (stage 0 uses the identity decoder); None:
+    the task's value (60M 60M 30M 30M; 60M 60M on HumanoidRun)"""
+    # --- latent PPO (the encoder), paper Appendix E, Table 4, as released (configs/methods/gorl_fm.toml)
     num_envs: int = 2048
     """parallel environments"""
     unroll_length: int = 30
-    """length of one collected sequence (Brax's unroll_length)"""
+    """steps per collected sequence (Brax's term); GAE still runs over each environment's whole rollout"""
     batch_size: int = 1024
-    """sequences per minibatch"""
+    """sequences (of unroll_length steps) per minibatch"""
     num_minibatches: int = 32
     """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
     num_epochs: int = 16
     """optimization epochs over each iteration's data"""
     learning_rate: float = 1e-3
     """Adam learning rate of the encoder and critic"""
-    discount: float = 0.995
-    """discount factor gamma"""
+    discount: float | None = None
+    """discount factor gamma; None: the task's value (0.995; 0.95 on FingerSpin and BallInCup)"""
     gae_lambda: float = 0.95
     """GAE lambda"""
     vf_coef: float = 0.25
-    """value loss coefficient"""
+    """value loss coefficient: the value loss is vf_coef * mean((V - target)^2)"""
     ent_coef: float = 0.01
     """entropy bonus coefficient of the latent policy"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
-    stage0_clip_eps: float = 0.15
-    """PPO ratio clipping in stage 0"""
+    stage0_clip_eps: float | None = None
+    """PPO ratio clipping in stage 0; None: the task's value (0.15; 0.3 on humanoids)"""
     clip_eps: float = 0.3
     """PPO ratio clipping in stages 1 and later"""
     stage0_max_grad_norm: float = 0.5
     """global gradient-norm clip in stage 0"""
-    max_grad_norm: float = 1.0
-    """global gradient-norm clip in stages 1 and later"""
+    max_grad_norm: float | None = None
+    """global gradient-norm clip in stages 1 and later; None: the task's value (0.5 as released;
+    1.0 on FingerTurnHard and WalkerWalk, and in the paper's text)"""
     stage0_kl_beta: float = 5e-4
-    """weight beta of KL(encoder || N(0, I)) in stage 0 (Eq. 3)"""
-    kl_beta: float = 1e-3
-    """weight beta of KL(encoder || N(0, I)) in stages 1 and later (Eq. 3)"""
+    """weight beta of the latent regularizer (Eq. 3) in stage 0"""
+    kl_beta: float | None = None
+    """weight beta of the latent regularizer (Eq. 3) in stages 1 and later; None: the task's value
+    (1e-3; 3e-3 on WalkerWalk)"""
+    latent_regularizer: str = "kl"
+    """kl: beta * KL(encoder || N(0, I)) in closed form (Eq. 3); l2: the release's beta * (mean mu^2
+    + mean sigma^2), which pulls sigma towards 0 instead of 1"""
+    bounded_latent: bool | None = None
+    """latent z = tanh(u), u ~ N(mu, sigma^2), PPO on u (the release's humanoid profile); None: the
+    task's value (on for HumanoidStand and HumanoidRun)"""
     encoder_hidden: tuple[int, ...] = (32, 32, 32, 32)
     """encoder hidden layer widths (SiLU)"""
     critic_hidden: tuple[int, ...] = (256, 256, 256, 256, 256)
     """critic hidden layer widths (SiLU)"""
-    # --- the flow-matching decoder and its refinement (Appendix C.2, E.4)
-    decoder_hidden: tuple[int, ...] = (64, 64, 64, 64)
-    """velocity network hidden layer widths (SiLU)"""
+    # --- the flow-matching decoder and its refinement, as released (gorl_fm.toml [collection], [decoder])
+    decoder_hidden: tuple[int, ...] | None = None
+    """velocity network hidden widths (SiLU); None: the task's value (128 x 4; 64 x 4 on HopperStand
+    and in the paper's text)"""
     flow_steps: int = 10
     """Euler steps from x_0 = z to x_1 = a"""
+    action_semantics: str | None = None
+    """pre_squash: the decoder outputs the pre-tanh action and the environment receives tanh(a);
+    bounded: it outputs the environment's action, clipped to [-1, 1]; None: the task's value
+    (bounded on humanoids)"""
+    refine_episodes: int | None = None
+    """full episodes collected for one refinement (encoder frozen, sampling z); None: the task's
+    value (4096 as released; 1024 on HumanoidRun, 128 on HumanoidStand; the paper's text: 512)"""
     refine_envs: int = 64
-    """parallel environments that collect a refinement dataset"""
-    refine_iterations: int = 8
-    """full episodes each refinement environment runs (8 x 64 x 1000 = 512k transitions)"""
-    refine_epochs: int = 50
-    """decoder training epochs over a refinement dataset"""
+    """parallel environments that collect them (refine_episodes is a multiple of it)"""
+    refine_steps: int = 50_000
+    """decoder gradient steps in one refinement (the paper's text: 50 epochs, ~3,100 steps)"""
     refine_batch_size: int = 8192
-    """decoder training minibatch size"""
+    """actions per decoder gradient step, drawn with replacement from the training episodes"""
+    refine_draws: int = 8
+    """(prior latent, flow time) draws per action in each gradient step (the paper's text: 1)"""
     refine_learning_rate: float = 3e-4
     """Adam learning rate of the decoder"""
+    decoder_target_clip: float | None = None
+    """regression targets (the collected actions) clipped to [-c, c], 0: no clip; None: the task's
+    value (3; none on HopperStand; 1 on humanoids, whose targets are bounded actions)"""
+    decoder_init: str = "fresh"
+    """fresh: each refinement trains a newly initialized decoder (the exact identity before
+    training), as released; warm: continue training the current decoder (the paper's text)"""
+    refine_val_fraction: float = 0.1
+    """fraction of the collected episodes held out to select the decoder"""
+    refine_eval_every: int = 100
+    """validate every this many decoder steps (and before the first); the best decoder is kept"""
+    refine_val_size: int = 65536
+    """held-out transitions the validation metric averages over (fixed draws, so comparable)"""
+    refine_metric: str | None = None
+    """decoder selection: val_loss (flow-matching loss) or val_endpoint_mse (squared error of
+    g(s, z), z a fixed prior draw, to the action); None: the task's value (val_endpoint_mse on
+    FingerSpin and FishSwim)"""
     # --- ablations of paper 002 (Fig. 4) and the decoder-iteration study; off by default
     refine_latents: str = "prior"
     """decoder inputs during refinement: prior (fresh N(0, I) draws, the method) or encoder (the
@@ -104,11 +137,37 @@ class Args:
     eval_every: int = 6_000_000
     """evaluate every this many environment steps (global step axis across stages)"""
     num_eval_envs: int = 128
-    """environments in one evaluation (one full episode each, deterministic policy)"""
+    """environments in one evaluation (one full episode each)"""
+    deterministic_eval: bool | None = None
+    """evaluate the encoder's mean latent (True) or sampled latents; None: the task's value
+    (sampled on humanoids, as released)"""
     runs_dir: str = "runs"
     """where run folders are created"""
     resume: str | None = None
     """run folder to resume from its last completed stage (its config.json replaces the other flags)"""
+
+
+# The values of the flags above that default to None, on a task that common.TASK_SETTINGS and
+# common.PROFILES do not mention (the release's dm_control profile).
+TASK_DEFAULTS = {
+    "stage_steps": (60_000_000, 60_000_000, 30_000_000, 30_000_000),
+    "discount": 0.995,
+    "stage0_clip_eps": 0.15,
+    "max_grad_norm": 0.5,
+    "kl_beta": 1e-3,
+    "bounded_latent": False,
+    "decoder_hidden": (128, 128, 128, 128),
+    "action_semantics": "pre_squash",
+    "refine_episodes": 4096,
+    "decoder_target_clip": 3.0,
+    "refine_metric": "val_loss",
+    "deterministic_eval": True,
+}
+
+
+def resolve(args: Args) -> Args:
+    """Fill the task-dependent flags (None) with the task's values (see common.TASK_SETTINGS)."""
+    return common.resolve_task_settings(args, "gorl_fm", TASK_DEFAULTS)
 
 
 def steps_per_iteration(args: Args) -> int:
@@ -120,12 +179,8 @@ def iterations_in_stage(args: Args, stage: int) -> int:
     return args.stage_steps[stage] // steps_per_iteration(args)
 
 
-def refine_dataset_size(args: Args) -> int:
-    return args.refine_envs * args.refine_iterations * common.EPISODE_LENGTH
-
-
 def validate(args: Args) -> None:
-    """Reject bad flag values before anything is compiled."""
+    """Reject bad flag values before anything is compiled (`args` resolved by `resolve`)."""
     per_iter = steps_per_iteration(args)
     common.check_args([
         *common.ppo_layout_checks(args),
@@ -133,15 +188,36 @@ def validate(args: Args) -> None:
         (all(n >= per_iter for n in args.stage_steps),
          f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
          f"({per_iter:,} steps = batch_size * num_minibatches * unroll_length)"),
-        (min(args.refine_envs, args.refine_iterations, args.refine_epochs, args.flow_steps) > 0,
-         "--refine-envs, --refine-iterations, --refine-epochs and --flow-steps must be positive"),
-        (0 < args.refine_batch_size <= refine_dataset_size(args),
-         f"--refine-batch-size {args.refine_batch_size} must be in [1, the refinement dataset size "
-         f"{refine_dataset_size(args):,} = refine_envs * refine_iterations * {common.EPISODE_LENGTH}]"),
-        (args.refine_latents in ("prior", "encoder"), f"--refine-latents must be prior or encoder, got {args.refine_latents!r}"),
+        *refinement_checks(args),
+        (args.latent_regularizer in ("kl", "l2"), f"--latent-regularizer must be kl or l2, got {args.latent_regularizer!r}"),
+        (args.refine_metric in ("val_loss", "val_endpoint_mse"),
+         f"--refine-metric must be val_loss or val_endpoint_mse, got {args.refine_metric!r}"),
         (args.frozen_decoder is None or os.path.isfile(args.frozen_decoder),
          f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.pkl)"),
     ])
+
+
+def refinement_checks(args: Args) -> list[tuple[bool, str]]:
+    episodes = args.refine_episodes
+    held_out = max(1, int(episodes * args.refine_val_fraction))
+    return [
+        (min(args.refine_envs, episodes, args.refine_steps, args.refine_batch_size, args.refine_draws,
+             args.refine_eval_every, args.refine_val_size, args.flow_steps) > 0,
+         "--refine-envs, --refine-episodes, --refine-steps, --refine-batch-size, --refine-draws, "
+         "--refine-eval-every, --refine-val-size and --flow-steps must be positive"),
+        (episodes % max(args.refine_envs, 1) == 0,
+         f"--refine-episodes {episodes} must be a multiple of --refine-envs {args.refine_envs}"),
+        (0 < args.refine_val_fraction < 1 and held_out < episodes,
+         f"--refine-val-fraction {args.refine_val_fraction} must hold out at least one of the "
+         f"{episodes} refinement episodes and leave at least one for training"),
+        (args.refine_steps % max(args.refine_eval_every, 1) == 0,
+         f"--refine-steps {args.refine_steps} must be a multiple of --refine-eval-every {args.refine_eval_every}"),
+        (args.decoder_target_clip >= 0, "--decoder-target-clip must be >= 0 (0: no clip)"),
+        (args.decoder_init in ("fresh", "warm"), f"--decoder-init must be fresh or warm, got {args.decoder_init!r}"),
+        (args.action_semantics in ("pre_squash", "bounded"),
+         f"--action-semantics must be pre_squash or bounded, got {args.action_semantics!r}"),
+        (args.refine_latents in ("prior", "encoder"), f"--refine-latents must be prior or encoder, got {args.refine_latents!r}"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +243,37 @@ def init_encoder(key, obs_size: int, latent_size: int, args: Args):
 def encoder(params, obs):
     """Mean and scale of pi_theta(z | s)."""
     return common.gaussian_from_output(common.mlp_apply(params, obs))
+
+
+def sample_latent(params, obs, key, bounded: bool):
+    """z ~ pi_theta(z | s) at a normalized observation: (z, u, log pi(u | s)).
+
+    u is the Gaussian sample PPO's ratio is taken on; z = u, or tanh(u) with a bounded latent
+    (the release's humanoid profile; the tanh Jacobian depends on u alone and cancels in the ratio).
+    """
+    mean, scale = encoder(params, obs)
+    u = mean + scale * jax.random.normal(key, mean.shape)
+    return (jnp.tanh(u) if bounded else u), u, common.gaussian_log_prob(u, mean, scale)
+
+
+def mean_latent(params, obs, bounded: bool):
+    """The deterministic policy's latent: the encoder's mean (squashed with a bounded latent)."""
+    mean, _ = encoder(params, obs)
+    return jnp.tanh(mean) if bounded else mean
+
+
+def env_action(a, action_semantics: str):
+    """The pre-squash action the environment (which applies tanh) receives for decoder output a.
+
+    pre_squash: a itself. bounded: the decoder's output is the environment's action; clipped to
+    [-1, 1] and passed through arctanh so that the environment's tanh gives it back.
+    """
+    if action_semantics == "bounded":
+        return jnp.arctanh(jnp.clip(a, -BOUND, BOUND))
+    return a
+
+
+BOUND = 1.0 - 1e-6  # tanh(arctanh(BOUND)) == BOUND in float32
 
 
 def critic(params, obs):
@@ -204,31 +311,43 @@ def decode(params, obs, z, flow_steps: int):
 def flow_matching_loss(params, obs, actions, z, t):
     """Conditional flow matching (Eq. 6): along the straight path x_t = (1 - t) z + t a,
     regress v_phi(x_t, t, s) onto its velocity a - z. In refinement (Eq. 4) z is a fresh draw
-    from the fixed prior N(0, I), never the encoder's latent, and t ~ U[0, 1]."""
+    from the fixed prior N(0, I), never the encoder's latent, and t ~ U[0, 1]. `z` and `t` may
+    carry leading axes of extra draws per action; `obs` and `actions` are broadcast to them."""
+    obs = jnp.broadcast_to(obs, z.shape[:-1] + obs.shape[-1:])
+    actions = jnp.broadcast_to(actions, z.shape)
     t = t[..., None]
     x_t = (1.0 - t) * z + t * actions
     v = velocity(params, obs, x_t, t[..., 0])
     return jnp.mean(jnp.sum((v - (actions - z)) ** 2, axis=-1))
 
 
-def sample_actions(state, obs, key, num_samples: int, flow_steps: int, from_prior: bool = False):
-    """`num_samples` environment actions tanh(g(s, z)) at one raw observation `obs`.
+def sample_actions(state, obs, key, num_samples: int, flow_steps: int, from_prior: bool = False,
+                   bounded_latent: bool = False, action_semantics: str = "pre_squash"):
+    """`num_samples` environment actions at one raw observation `obs`.
 
     Latents come from the encoder (or from the prior N(0, I) with `from_prior`), as for the
     action-density figure (paper Fig. 7). `state` is a stage checkpoint (see `main`).
     """
     obs = jnp.broadcast_to(obs, (num_samples, obs.shape[-1]))
-    mean, scale = encoder(state["params"]["encoder"], common.normalize(state["norm"], obs))
     if from_prior:
-        mean, scale = jnp.zeros_like(mean), jnp.ones_like(scale)
-    z = mean + scale * jax.random.normal(key, mean.shape)
+        z = jax.random.normal(key, (num_samples, state["decoder"][-1]["b"].shape[-1]))
+    else:
+        z, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key, bounded_latent)
     decoder_obs = common.normalize(state["decoder_norm"], obs)
-    return jnp.tanh(decode(state["decoder"], decoder_obs, z, flow_steps))
+    return jnp.tanh(env_action(decode(state["decoder"], decoder_obs, z, flow_steps), action_semantics))
 
 
 # ---------------------------------------------------------------------------------------------
 # Latent PPO loss (Eq. 5 + the KL regularizer of Eq. 3)
 # ---------------------------------------------------------------------------------------------
+
+
+def latent_regularizer(mean, scale, kind: str):
+    """kl: KL(N(mean, scale^2) || N(0, I)) in closed form, averaged over states (Eq. 3).
+    l2: the released code's stand-in mean(mean^2) + mean(scale^2), minimized at scale 0."""
+    if kind == "l2":
+        return jnp.mean(mean**2) + jnp.mean(scale**2)
+    return common.kl_to_standard_normal(mean, scale).mean()
 
 
 def latent_ppo_loss(params, batch, hp, args: Args):
@@ -239,15 +358,15 @@ def latent_ppo_loss(params, batch, hp, args: Args):
     policy_loss, clip_fraction = common.clipped_surrogate(
         log_prob - batch["log_prob"], batch["advantage"], hp["clip_eps"]
     )
-    kl = common.kl_to_standard_normal(mean, scale).mean()
-    value_loss = 0.5 * jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    regularizer = latent_regularizer(mean, scale, args.latent_regularizer)
+    value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
     entropy = common.gaussian_entropy(scale).mean()
-    loss = policy_loss + hp["kl_beta"] * kl + args.vf_coef * value_loss - args.ent_coef * entropy
+    loss = policy_loss + hp["kl_beta"] * regularizer + args.vf_coef * value_loss - args.ent_coef * entropy
     return loss, {
         "loss/total": loss,
         "loss/policy": policy_loss,
         "loss/value": value_loss,
-        "loss/kl_prior": kl,
+        "loss/kl_prior": regularizer,
         "encoder/entropy": entropy,
         "encoder/clip_fraction": clip_fraction,
     }
@@ -287,10 +406,9 @@ def make_train_iteration(env, optimizer, args: Args):
 
         def policy(obs, key):
             # The decoder runs inside the rollout scan: it is part of the latent MDP's dynamics.
-            mean, scale = encoder(params["encoder"], common.normalize(norm, obs))
-            z = mean + scale * jax.random.normal(key, mean.shape)
-            action = decode(dec, common.normalize(dec_norm, obs), z, args.flow_steps)
-            return action, {"latent": z, "log_prob": common.gaussian_log_prob(z, mean, scale)}
+            z, u, log_prob = sample_latent(params["encoder"], common.normalize(norm, obs), key, args.bounded_latent)
+            action = env_action(decode(dec, common.normalize(dec_norm, obs), z, args.flow_steps), args.action_semantics)
+            return action, {"latent": u, "log_prob": log_prob}
 
         env_state, data = common.rollout(env, state["env_state"], policy, k_rollout, rollout_steps)
         advantages, targets = common.value_targets(
@@ -322,67 +440,116 @@ def make_train_iteration(env, optimizer, args: Args):
 # ---------------------------------------------------------------------------------------------
 
 
-def refinement_inputs(batch, k_z, k_t, refine_latents: str = "prior"):
-    """The decoder's input latents z and flow times t for one refinement minibatch.
+def refinement_inputs(batch, key, draws: int, refine_latents: str = "prior"):
+    """The decoder's input latents z and flow times t, `draws` of each per action: [draws, B, .].
 
     GoRL draws z fresh from the fixed prior N(0, I) (Eq. 4). The ablation of Fig. 4a instead
     reuses the latents the encoder produced the actions with, a self-reconstruction loop.
     """
+    k_z, k_t = jax.random.split(key)
     actions = batch["action"]
     if refine_latents == "encoder":
-        z = batch["latent"]
+        z = jnp.broadcast_to(batch["latent"], (draws, *actions.shape))
     else:
-        z = jax.random.normal(k_z, actions.shape)
-    return z, jax.random.uniform(k_t, actions.shape[:-1])
+        z = jax.random.normal(k_z, (draws, *actions.shape))
+    return z, jax.random.uniform(k_t, (draws, *actions.shape[:-1]))
+
+
+def regression_targets(decoder_output, action_semantics: str, clip: float):
+    """What the decoder is fitted to: its own output in the rollout (the pre-squash action, or the
+    environment's action when bounded), clipped to [-clip, clip] (0: no clip) as released, so
+    that a few saturated pre-tanh actions do not dominate the squared error."""
+    target = jnp.clip(decoder_output, -1.0, 1.0) if action_semantics == "bounded" else decoder_output
+    return jnp.clip(target, -clip, clip) if clip > 0 else target
 
 
 def make_refinement(env, args: Args):
+    obs_size, action_size = env.observation_size, env.action_size
     decoder_optimizer = optax.adam(args.refine_learning_rate)
-    num_minibatches = refine_dataset_size(args) // args.refine_batch_size
+    episodes_per_env = args.refine_episodes // args.refine_envs
+    held_out = max(1, int(args.refine_episodes * args.refine_val_fraction)) * common.EPISODE_LENGTH
 
     def collect(state, key):
-        """(observation, pre-squash action) pairs from the frozen encoder (sampling z) and the
-        current decoder: refine_iterations full episodes in each of refine_envs environments."""
+        """Full episodes from the frozen encoder (sampling z) and the current decoder: the
+        observations [T, refine_envs, .], the regression targets and the latents."""
         k_reset, k_rollout = jax.random.split(key)
         env_state = common.reset_envs(env, k_reset, args.refine_envs)
 
         def policy(obs, key):
-            mean, scale = encoder(state["params"]["encoder"], common.normalize(state["norm"], obs))
-            z = mean + scale * jax.random.normal(key, mean.shape)
-            decoder_obs = common.normalize(state["decoder_norm"], obs)
-            return decode(state["decoder"], decoder_obs, z, args.flow_steps), {"latent": z}
+            z, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key,
+                                    args.bounded_latent)
+            a = decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, args.flow_steps)
+            target = regression_targets(a, args.action_semantics, args.decoder_target_clip)
+            return env_action(a, args.action_semantics), {"latent": z, "target": target}
 
-        steps = args.refine_iterations * common.EPISODE_LENGTH
-        _, data = common.rollout(env, env_state, policy, k_rollout, steps)
-        dataset = {k: data[k].reshape(-1, data[k].shape[-1]) for k in ("obs", "action", "latent")}
+        _, data = common.rollout(env, env_state, policy, k_rollout, episodes_per_env * common.EPISODE_LENGTH)
+        dataset = {"obs": data["obs"], "action": data["target"], "latent": data["latent"]}
         return dataset, common.completed_episode_return(data)[0]
 
-    def fit(decoder_params, decoder_norm, dataset, key):
-        """Eq. 4: minimize the flow-matching loss over the dataset, latents from the fixed prior."""
+    def fit(decoder_params, dataset, key):
+        """Eq. 4 as released: a decoder (fresh: the identity) fitted by flow matching from the
+        prior on 90% of the episodes, the best decoder on the held-out 10% kept. Returns the
+        decoder, the normalizer of its inputs (the training split's statistics) and metrics."""
+        k_split, k_val, k_val_draws, k_init, k_fit = jax.random.split(key, 5)
+        train, val = common.split_episodes(dataset, k_split, args.refine_val_fraction)
+        decoder_norm = common.normalizer_update(common.normalizer_init(obs_size), train["obs"])
+        train = dict(train, obs=common.normalize(decoder_norm, train["obs"]))
+        # A fixed held-out sample with fixed draws, so that validation scores are comparable.
+        val_size = min(args.refine_val_size, held_out)
+        val = jax.tree.map(lambda x: x[jax.random.permutation(k_val, held_out)[:val_size]], val)
+        val = dict(val, obs=common.normalize(decoder_norm, val["obs"]))
+        val_z, val_t = refinement_inputs(val, k_val_draws, args.refine_draws, args.refine_latents)
 
-        def update(carry, batch):
-            params, opt_state, key = carry
-            key, k_z, k_t = jax.random.split(key, 3)
-            z, t = refinement_inputs(batch, k_z, k_t, args.refine_latents)
-            loss, grads = jax.value_and_grad(flow_matching_loss)(params, batch["obs"], batch["action"], z, t)
-            updates, opt_state = decoder_optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, key), {"loss": loss}
+        def val_fn(params):
+            if args.refine_metric == "val_endpoint_mse":
+                # The release's endpoint error: g(s, z) against the action, z a fixed prior draw.
+                a = decode(params, val["obs"][:4096], val_z[0, :4096], args.flow_steps)
+                return jnp.mean((a - val["action"][:4096]) ** 2)
+            return flow_matching_loss(params, val["obs"], val["action"], val_z, val_t)
 
-        k_sgd, k_carry, k_z, k_t = jax.random.split(key, 4)
-        data = dict(dataset, obs=common.normalize(decoder_norm, dataset["obs"]))
-        carry = (decoder_params, decoder_optimizer.init(decoder_params), k_carry)
-        (params, _, _), metrics = common.minibatch_sgd(update, carry, data, k_sgd, args.refine_epochs, num_minibatches)
-        head = jax.tree.map(lambda x: x[: args.refine_batch_size], data)
-        z, t = refinement_inputs(head, k_z, k_t, args.refine_latents)
-        final_loss = flow_matching_loss(params, head["obs"], head["action"], z, t)
-        return params, {"refine/loss_mean": metrics["loss"], "refine/loss_final": final_loss}
+        def loss_fn(params, batch, key):
+            z, t = refinement_inputs(batch, key, args.refine_draws, args.refine_latents)
+            return flow_matching_loss(params, batch["obs"], batch["action"], z, t)
+
+        if args.decoder_init == "fresh":
+            decoder_params = init_decoder(k_init, obs_size, action_size, args)
+        decoder, metrics = common.fit_keep_best(
+            loss_fn, val_fn, decoder_params, decoder_optimizer, train, k_fit,
+            num_steps=args.refine_steps, batch_size=args.refine_batch_size, eval_every=args.refine_eval_every,
+        )
+        return decoder, decoder_norm, metrics
 
     return jax.jit(collect), jax.jit(fit)
+
+
+def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, run):
+    """Between stage m-1 and stage m (Algorithm 1): freeze the encoder, collect fresh episodes
+    with it and the current decoder, fit the decoder to map the prior onto those actions (Eq. 4),
+    and check it: the return of the refined decoder under the prior's mean latent."""
+    k_collect, k_fit, k_eval = jax.random.split(key, 3)
+    t0 = time.time()
+    dataset, collect_return = collect(state, k_collect)
+    decoder, decoder_norm, metrics = fit(state["decoder"], dataset, k_fit)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
+    # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
+    # state for the whole next stage, while the encoder's statistics move on.
+    state = dict(state, decoder=decoder, decoder_norm=decoder_norm)
+    refined_return = float(evaluate(state, k_eval, True))
+    metrics.update({"refine/collect_return": float(collect_return), "refine/prior_latent_return": refined_return,
+                    "refine/seconds": time.time() - t0})
+    run.log(step, metrics)
+    print(f"refined decoder before stage {stage}: validation {metrics['refine/val_initial']:.4f} -> "
+          f"{metrics['refine/val_best']:.4f} (best at step {int(metrics['refine/best_step']):,}), "
+          f"collection return {metrics['refine/collect_return']:.1f}, eval return with prior latents "
+          f"{refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
+    return state, refined_return
 
 
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
+    args = resolve(args)
     validate(args)
 
     env = common.make_env(args.env_name, args.impl)
@@ -397,15 +564,24 @@ def main(args: Args) -> None:
     evaluator = common.make_evaluator(env, args.num_eval_envs)
 
     @jax.jit
-    def evaluate(state, key, prior_latents=False):
-        """Deterministic policy: the encoder's mean latent (or the prior's mean, 0), then g(s, z)."""
-
-        def act(obs):
-            z, _ = encoder(state["params"]["encoder"], common.normalize(state["norm"], obs))
+    def evaluate_jit(state, key, prior_latents):
+        def act(obs, key):
+            enc_obs = common.normalize(state["norm"], obs)
+            if args.deterministic_eval:
+                z = mean_latent(state["params"]["encoder"], enc_obs, args.bounded_latent)
+            else:
+                z, _, _ = sample_latent(state["params"]["encoder"], enc_obs, key, args.bounded_latent)
             z = jnp.where(prior_latents, jnp.zeros_like(z), z)
-            return decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, args.flow_steps)
+            a = decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, args.flow_steps)
+            return env_action(a, args.action_semantics)
 
         return evaluator(act, key)
+
+    def evaluate(state, key, prior_latents=False):
+        """The encoder's mean latent (sampled latents without --deterministic-eval), then g(s, z);
+        with `prior_latents`, the prior's mean z = 0: the refined decoder on its own. One compiled
+        function for both (the flag is an array, not a static argument)."""
+        return evaluate_jit(state, key, jnp.asarray(prior_latents))
 
     key = jax.random.PRNGKey(args.seed)
     key, k_critic, k_decoder, k_env = jax.random.split(key, 4)
@@ -433,24 +609,9 @@ def main(args: Args) -> None:
     try:
         for stage in range(first_stage, len(args.stage_steps)):
             if stage > 0 and args.frozen_decoder is None:
-                # ---- decoder refinement between stage m-1 and stage m (encoder frozen)
-                key, k_collect, k_fit, k_eval = jax.random.split(key, 4)
-                t0 = time.time()
-                dataset, collect_return = collect(state, k_collect)
-                # The decoder keeps the normalizer it was fitted with: it is a fixed function of
-                # the raw state for the whole next stage, while the encoder's statistics move on.
-                decoder, metrics = fit(state["decoder"], state["norm"], dataset, k_fit)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
-                state = dict(state, decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state["norm"]))
-                refined_return = float(evaluate(state, k_eval, True))
-                metrics.update({"refine/collect_return": float(collect_return),
-                                "refine/prior_latent_return": refined_return,
-                                "refine/seconds": time.time() - t0})
-                run.log(step, metrics)
-                stage_rows[-1]["refined_prior_return"] = refined_return
-                print(f"refined decoder before stage {stage}: flow-matching loss {metrics['refine/loss_final']:.4f}, "
-                      f"eval return with prior latents {refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
+                key, k_refine = jax.random.split(key)
+                state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
+                    state, collect, fit, evaluate, k_refine, stage, step, run)
             # ---- stage m: encoder re-initialized to the prior, latent PPO with the decoder frozen
             key, k_encoder = jax.random.split(key)
             params = state["params"]

@@ -683,7 +683,7 @@ def main(args: Args) -> None:
 
     @jax.jit
     def evaluate_jit(state, key, prior_latents):
-        def policy(obs):
+        def policy(obs, key):
             z, _ = encoder(state["params"]["encoder"], common.normalize(state["norm"], obs))
             return act(state, obs, jnp.where(prior_latents, jnp.zeros_like(z), z))
 

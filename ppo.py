@@ -44,20 +44,24 @@ class Args:
     """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
     num_epochs: int = 16
     """optimization epochs over each iteration's data"""
-    learning_rate: float = 1e-3
-    """Adam learning rate (actor and critic)"""
+    learning_rate: float | None = None
+    """Adam learning rate, actor and critic (None: the task's value, 3e-4; 1e-3 on humanoids)"""
     max_grad_norm: float | None = None
-    """clip the global gradient norm to this value (None: no clipping, as in Brax PPO)"""
-    discount: float = 0.995
-    """discount factor gamma"""
+    """clip the global gradient norm to this value, 0: no clipping (None: the task's value, 0)"""
+    discount: float | None = None
+    """discount factor gamma (None: the task's value, 0.995; 0.95 on FingerSpin and BallInCup)"""
     gae_lambda: float = 0.95
     """GAE lambda"""
-    clip_eps: float = 0.2
-    """PPO ratio clipping"""
+    clip_eps: float | None = None
+    """PPO ratio clipping (None: the task's value, 0.1; 0.3 on humanoids)"""
     vf_coef: float = 0.25
-    """value loss coefficient"""
+    """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
     ent_coef: float = 0.01
     """entropy bonus coefficient"""
+    entropy: str = "tanh"
+    """entropy estimate: tanh (Brax's, of the squashed action, one sample per state) or gaussian (pre-squash, closed form)"""
+    normalizer_update: str = "after"
+    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     actor_hidden: tuple[int, ...] = (32, 32, 32, 32)
@@ -67,11 +71,27 @@ class Args:
     eval_every: int = 6_000_000
     """evaluate every this many environment steps"""
     num_eval_envs: int = 128
-    """environments in one evaluation (one full episode each, deterministic policy)"""
+    """environments in one evaluation (one full episode each)"""
+    deterministic_eval: bool | None = None
+    """evaluate the mean action, else sample it (None: the task's value, True; False on humanoids)"""
     runs_dir: str = "runs"
     """where run folders are created"""
     resume: str | None = None
     """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
+
+
+# The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
+# configs/methods/ppo.toml (dm_control profile) has them; common.TASK_SETTINGS and the humanoid
+# profile override them per task (see common.resolve_task_settings).
+TASK_DEFAULTS = {"learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0,
+                 "deterministic_eval": True}
+ENTROPY_ESTIMATES = ("tanh", "gaussian")
+NORMALIZER_UPDATES = ("after", "before")
+
+
+def resolve(args: Args) -> Args:
+    """`args` with every task-dependent flag left at None set to the task's value."""
+    return common.resolve_task_settings(args, "ppo", TASK_DEFAULTS)
 
 
 def steps_per_iteration(args: Args) -> int:
@@ -79,9 +99,19 @@ def steps_per_iteration(args: Args) -> int:
 
 
 def validate(args: Args) -> None:
-    """Reject bad flag values before anything is compiled."""
+    """Reject bad flag values before anything is compiled (task-dependent flags left at None
+    are checked at the task's value)."""
+    args = resolve(args)
     common.check_args([
         *common.ppo_layout_checks(args),
+        (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
+        (args.clip_eps > 0, f"--clip-eps must be positive, got {args.clip_eps}"),
+        (0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}"),
+        (not args.max_grad_norm or args.max_grad_norm > 0,
+         f"--max-grad-norm must be positive, or 0 for no clipping, got {args.max_grad_norm}"),
+        (args.entropy in ENTROPY_ESTIMATES, f"--entropy must be one of {ENTROPY_ESTIMATES}, got {args.entropy!r}"),
+        (args.normalizer_update in NORMALIZER_UPDATES,
+         f"--normalizer-update must be one of {NORMALIZER_UPDATES}, got {args.normalizer_update!r}"),
         (args.total_timesteps >= steps_per_iteration(args),
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
          f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
@@ -114,15 +144,37 @@ def critic(params, obs):
 # ---------------------------------------------------------------------------------------------
 
 
-def ppo_loss(params, batch, args: Args):
-    """Clipped surrogate + value regression - entropy bonus (Schulman et al., 2017)."""
+def tanh_log_det_jacobian(u):
+    """log |d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), elementwise;
+    the right-hand side stays finite where tanh(u) rounds to +-1."""
+    return 2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u))
+
+
+def entropy_estimate(mean, scale, key, kind: str = "tanh"):
+    """Per-state entropy of the policy: "gaussian" is the closed-form entropy of the pre-squash
+    Gaussian N(mean, scale^2); "tanh" estimates the entropy of the squashed action tanh(u) as
+    Brax's NormalTanhDistribution does, H[tanh(u)] = H[u] + E[log |d tanh(u)/du|], with the
+    expectation taken at one reparameterized sample u = mean + scale * eps per state."""
+    entropy = common.gaussian_entropy(scale)
+    if kind == "gaussian":
+        return entropy
+    u = mean + scale * jax.random.normal(key, mean.shape)
+    return entropy + jnp.sum(tanh_log_det_jacobian(u), axis=-1)
+
+
+def ppo_loss(params, batch, key, args: Args):
+    """Clipped surrogate + value regression - entropy bonus (Schulman et al., 2017).
+
+    `key` draws the sample of the "tanh" entropy estimate. The value loss is
+    vf_coef * mean((V - target)^2), the release's (Brax's 0.5 * vf_coefficient * MSE).
+    """
     mean, scale = actor(params["actor"], batch["obs"])
     log_prob = common.gaussian_log_prob(batch["action"], mean, scale)
     policy_loss, clip_fraction = common.clipped_surrogate(
         log_prob - batch["log_prob"], batch["advantage"], args.clip_eps
     )
-    value_loss = 0.5 * jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
-    entropy = common.gaussian_entropy(scale).mean()
+    value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    entropy = entropy_estimate(mean, scale, key, args.entropy).mean()
     loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
     return loss, {
         "loss/total": loss,
@@ -142,14 +194,15 @@ def make_train_iteration(env, optimizer, args: Args):
     rollout_steps = steps_per_iteration(args) // args.num_envs
 
     def update(carry, batch):
-        params, opt_state = carry
-        grads, metrics = jax.grad(ppo_loss, has_aux=True)(params, batch, args)
+        params, opt_state, key = carry
+        key, k_loss = jax.random.split(key)  # a fresh key per minibatch for the entropy sample
+        grads, metrics = jax.grad(ppo_loss, has_aux=True)(params, batch, k_loss, args)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), metrics
+        return (optax.apply_updates(params, updates), opt_state, key), metrics
 
     def train_iteration(state, key):
         params, opt_state, norm, env_state = state
-        k_rollout, k_sgd = jax.random.split(key)
+        k_rollout, k_sgd, k_loss = jax.random.split(key, 3)
 
         def policy(obs, key):
             mean, scale = actor(params["actor"], common.normalize(norm, obs))
@@ -157,6 +210,10 @@ def make_train_iteration(env, optimizer, args: Args):
             return action, {"log_prob": common.gaussian_log_prob(action, mean, scale)}
 
         env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps)
+        if args.normalizer_update == "before":
+            # Brax's order: the epochs see observations normalized with statistics that include
+            # this rollout, so the first minibatch's ratio is not exactly 1.
+            norm = common.normalizer_update(norm, data["obs"])
         advantages, targets = common.value_targets(
             lambda obs: critic(params["critic"], common.normalize(norm, obs)),
             data, args.reward_scaling, args.discount, args.gae_lambda,
@@ -169,20 +226,28 @@ def make_train_iteration(env, optimizer, args: Args):
             "target": targets,
         }
         batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
-        (params, opt_state), metrics = common.minibatch_sgd(
-            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches
+        (params, opt_state, _), metrics = common.minibatch_sgd(
+            update, (params, opt_state, k_loss), batch, k_sgd, args.num_epochs, args.num_minibatches
         )
-        # Updated after the epochs, so the ratio above compares against the exact rollout policy.
-        norm = common.normalizer_update(norm, data["obs"])
+        if args.normalizer_update == "after":
+            # Updated after the epochs, so the ratio above compares against the exact rollout policy.
+            norm = common.normalizer_update(norm, data["obs"])
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
         return (params, opt_state, norm, env_state), metrics
 
     return train_iteration
 
 
+def act(params, norm, obs, key, deterministic: bool):
+    """The evaluation policy: the mean pre-squash action, or a sample of the Gaussian."""
+    mean, scale = actor(params["actor"], common.normalize(norm, obs))
+    return mean if deterministic else mean + scale * jax.random.normal(key, mean.shape)
+
+
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
+    args = resolve(args)  # config.json records the resolved values
     validate(args)
 
     env = common.make_env(args.env_name, args.impl)
@@ -218,7 +283,7 @@ def main(args: Args) -> None:
     @jax.jit
     def evaluate(state, key):
         params, _, norm, _ = state
-        return evaluator(lambda obs: actor(params["actor"], common.normalize(norm, obs))[0], key)
+        return evaluator(lambda obs, key: act(params, norm, obs, key, args.deterministic_eval), key)
 
     def save(state, step, key):
         params, opt_state, norm, _ = state

@@ -4,7 +4,7 @@ Runs ppo.py, gorl_fm.py, gorl_diffusion.py, fpo.py and dppo.py as subprocesses w
 PPO sizes (environments, sequences, minibatches, epochs), the same environment-step budget and
 the same seeds; the GoRL scripts split the budget into stages (--stage-fractions) and refine
 their decoder between stages with small refinement settings (their refinement rollouts are extra
-environment steps, refine_envs x refine_iterations x 1000 per boundary, as in the paper). Then it
+environment steps, refine_episodes x 1000 per boundary, as in the paper). Then it
 reads each run's metrics.csv and writes
 
     <results-dir>/cpu_suite.md          algo | seeds | final eval return mean +- std | steps/s | wall-clock
@@ -59,10 +59,11 @@ def parse(argv=None):
     p.add_argument("--num-epochs", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=38_400)
     p.add_argument("--num-eval-envs", type=int, default=16)
-    p.add_argument("--refine-envs", type=int, default=16)
-    p.add_argument("--refine-iterations", type=int, default=1)
+    p.add_argument("--refine-envs", type=int, default=64)
+    p.add_argument("--refine-episodes", type=int, default=128)
     p.add_argument("--refine-batch-size", type=int, default=1024)
-    p.add_argument("--refine-epochs", type=int, default=20)
+    p.add_argument("--refine-steps", type=int, default=2000, help="gorl_fm's decoder steps per refinement")
+    p.add_argument("--refine-epochs", type=int, default=20, help="gorl_diffusion's decoder epochs per refinement")
     p.add_argument("--runs-dir", default=os.path.join("benchmarks", "results", "cpu_suite_runs"))
     p.add_argument("--results-dir", default=os.path.join("benchmarks", "results"))
     p.add_argument("--compile-cache", default=None,
@@ -95,8 +96,10 @@ def command(ns, algo: str, seed: int, runs_dir: str) -> list[str]:
            "--eval-every", str(ns.eval_every), "--num-eval-envs", str(ns.num_eval_envs), "--runs-dir", runs_dir]
     if algo in STAGED:
         cmd += ["--stage-steps", *map(str, stage_steps(ns)),
-                "--refine-envs", str(ns.refine_envs), "--refine-iterations", str(ns.refine_iterations),
-                "--refine-batch-size", str(ns.refine_batch_size), "--refine-epochs", str(ns.refine_epochs)]
+                "--refine-envs", str(ns.refine_envs), "--refine-episodes", str(ns.refine_episodes),
+                "--refine-batch-size", str(ns.refine_batch_size)]
+        cmd += (["--refine-steps", str(ns.refine_steps)] if algo == "gorl_fm" else
+                ["--refine-epochs", str(ns.refine_epochs)])
     else:
         budget = ns.total_steps // steps_per_iteration(ns) * steps_per_iteration(ns)
         cmd += ["--total-timesteps", str(budget)]
@@ -175,7 +178,8 @@ def table(ns, results: dict) -> str:
     lines = [f"Task {ns.env_name}; seeds {ns.seeds}; budget {ns.total_steps // steps_per_iteration(ns) * steps_per_iteration(ns):,} "
              f"environment steps ({ns.num_envs} envs, {ns.batch_size} x {ns.num_minibatches} sequences of "
              f"{ns.unroll_length} steps, {ns.num_epochs} epochs per iteration); GoRL stages {stage_steps(ns)}, "
-             f"refinement {ns.refine_envs} envs x {ns.refine_iterations} x 1000 steps, {ns.refine_epochs} epochs. "
+             f"refinement {ns.refine_episodes} episodes from {ns.refine_envs} envs, batch {ns.refine_batch_size}, "
+             f"{ns.refine_steps} steps (gorl_fm) / {ns.refine_epochs} epochs (gorl_diffusion). "
              f"Evaluation: {ns.num_eval_envs} envs, one 1000-step episode, deterministic policy."
              + (" A persistent compilation cache was shared by the runs (later runs compile less)." if ns.compile_cache else ""),
              "",

@@ -129,9 +129,10 @@ def shared_sizes(ns) -> dict:
 
 def build_gorl(ns, env) -> dict:
     """gorl_fm's Args and jitted pieces for the bandit, built once for every seed."""
-    args = gorl_fm.Args(**shared_sizes(ns), stage_steps=tuple(ns.stage_steps),
-                        refine_envs=ns.refine_envs, refine_iterations=1, refine_batch_size=ns.refine_batch_size,
-                        refine_epochs=ns.refine_epochs)
+    args = gorl_fm.resolve(gorl_fm.Args(
+        **shared_sizes(ns), env_name="CartpoleBalance", stage_steps=tuple(ns.stage_steps),
+        refine_envs=ns.refine_envs, refine_episodes=ns.refine_envs, refine_batch_size=ns.refine_batch_size,
+        refine_steps=ns.refine_steps, refine_val_size=8192))
     optimizer = optax.adam(args.learning_rate)
     collect, fit = gorl_fm.make_refinement(env, args)
     return {"args": args, "optimizer": optimizer, "collect": collect, "fit": fit,
@@ -159,8 +160,8 @@ def train_gorl(ns, seed: int, env, built: dict):
         if stage > 0:
             key, k_collect, k_fit = jax.random.split(key, 3)
             dataset, _ = collect(state, k_collect)
-            decoder, _ = fit(state["decoder"], state["norm"], dataset, k_fit)
-            state = dict(state, decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state["norm"]))
+            decoder, decoder_norm, _ = fit(state["decoder"], dataset, k_fit)
+            state = dict(state, decoder=decoder, decoder_norm=decoder_norm)
         key, k_encoder = jax.random.split(key)
         params = dict(state["params"], encoder=gorl_fm.init_encoder(k_encoder, obs_size, action_size, args))
         state = dict(state, params=params, opt_state=optimizer.init(params),
@@ -292,7 +293,7 @@ def main(argv=None):
     p.add_argument("--num-epochs", type=int, default=4)
     p.add_argument("--refine-envs", type=int, default=16, help="x 1000 one-step episodes per refinement")
     p.add_argument("--refine-batch-size", type=int, default=1000)
-    p.add_argument("--refine-epochs", type=int, default=50)
+    p.add_argument("--refine-steps", type=int, default=800, help="decoder gradient steps per refinement")
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--out-dir", default="benchmarks/results")
     ns = p.parse_args(argv)

@@ -246,7 +246,7 @@ def bench_ppo(args: Args) -> dict:
     @jax.jit
     def evaluate(state, key):
         params, _, norm, _ = state
-        return evaluator(lambda obs: ppo.actor(params["actor"], common.normalize(norm, obs))[0], key)
+        return evaluator(lambda obs, key: ppo.actor(params["actor"], common.normalize(norm, obs))[0], key)
 
     # The host loop of common.run_iterations, without the evaluations and logging.
     iteration_seconds = []

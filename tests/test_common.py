@@ -11,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from brax.envs.wrappers import training as brax_wrappers
 from mujoco_playground import registry
@@ -399,7 +400,7 @@ def test_evaluator_returns_the_mean_of_each_envs_first_episode(cartpole):
     env, probe = cartpole
     # Longer than an episode: rewards after each environment's first episode must not count.
     evaluate = jax.jit(common.make_evaluator(env, NUM_ENVS, episode_length=EPISODE_LENGTH + 3), static_argnums=0)
-    act = lambda obs: jnp.full((obs.shape[0], env.action_size), 0.7)  # noqa: E731
+    act = lambda obs, key: jnp.full((obs.shape[0], env.action_size), 0.7)  # noqa: E731
     got = float(evaluate(act, KEY))
     _, data, _, _ = jax.device_get(probe(KEY, 0.7, 0.0))
     returns = np.zeros(NUM_ENVS)
@@ -565,3 +566,43 @@ def test_check_finite_names_the_loss_and_place():
     message = str(error.value)
     assert "loss/value" in message and "loss/policy" in message and "loss/ok" not in message
     assert "stage 2, step 1,000" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement data split and best-validation training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_episodes_holds_out_whole_episodes():
+    episode_length, per_env, num_envs = 5, 4, 3
+    # Label every transition with its (environment, episode-in-environment) id and its time step.
+    t = np.arange(per_env * episode_length)
+    ids = (t // episode_length)[:, None] * 10 + np.arange(num_envs)[None, :]
+    data = {"id": jnp.asarray(ids), "t": jnp.asarray(np.broadcast_to(t[:, None] % episode_length, ids.shape))}
+    train, val = common.split_episodes(data, jax.random.PRNGKey(0), 0.25, episode_length)
+    assert val["id"].shape == (3 * episode_length,) and train["id"].shape == (9 * episode_length,)
+    train_ids, val_ids = set(np.asarray(train["id"]).tolist()), set(np.asarray(val["id"]).tolist())
+    assert not train_ids & val_ids and len(train_ids | val_ids) == per_env * num_envs
+    # Each held-out episode is complete and in order.
+    np.testing.assert_array_equal(np.asarray(val["t"]).reshape(3, episode_length), np.tile(np.arange(5), (3, 1)))
+    assert len(set(np.asarray(val["id"]).reshape(3, episode_length)[:, 0].tolist())) == 3
+    # Another key holds out other episodes.
+    _, other = common.split_episodes(data, jax.random.PRNGKey(1), 0.25, episode_length)
+    assert set(np.asarray(other["id"]).tolist()) != val_ids
+
+
+def test_fit_keep_best_returns_the_best_validation_parameters_not_the_last():
+    """Training pulls w to 2; validation prefers w = 1, passed on the way. The decoder kept is
+    the one from the validation check nearest w = 1, not the overfit final one."""
+    train = {"x": jnp.zeros((64, 1))}
+    loss_fn = lambda p, batch, key: jnp.mean((p["w"] - 2.0 + 0 * batch["x"]) ** 2)  # noqa: E731
+    val_fn = lambda p: (p["w"] - 1.0) ** 2  # noqa: E731
+    best, metrics = jax.jit(lambda p, k: common.fit_keep_best(
+        loss_fn, val_fn, p, optax.sgd(0.05), train, k, num_steps=200, batch_size=8, eval_every=2))(
+        {"w": jnp.float32(0.0)}, jax.random.PRNGKey(0))
+    final_w = 2.0 - 2.0 * (1 - 0.1) ** 200  # plain gradient descent on (w - 2)^2 from 0
+    assert abs(final_w - 2.0) < 1e-6
+    assert abs(float(best["w"]) - 1.0) < 0.1
+    assert 0 < int(metrics["refine/best_step"]) < 200
+    np.testing.assert_allclose(float(metrics["refine/val_best"]), (float(best["w"]) - 1.0) ** 2, rtol=1e-5)
+    assert float(metrics["refine/val_final"]) > 0.9 and float(metrics["refine/val_initial"]) == 1.0

@@ -1,6 +1,7 @@
 """Tests of fpo.py: the FPO ratio, the Euler sampler, loss shapes, and a smoke run."""
 
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -10,6 +11,7 @@ import pickle
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import common
 import fpo
@@ -126,3 +128,37 @@ def test_smoke_run(tmp_path):
     assert math.isfinite(float(rows[-1]["loss/total"]))
     with open(os.path.join(run_dir, "checkpoints", "latest.pkl"), "rb") as f:
         assert int(pickle.load(f)["step"]) == 640
+
+
+def _loss_batch(args, params, batch):
+    return {**batch, "advantage": jnp.arange(B, dtype=jnp.float32), "target": jnp.ones(B)}
+
+
+# The newest release's configs/methods/fpo.toml ([ppo], [decoder]); the discount per task.
+RELEASED_DEFAULTS = {
+    "learning_rate": 3e-4, "clip_eps": 0.05, "discount": 0.995, "gae_lambda": 0.95, "vf_coef": 0.25,
+    "reward_scaling": 10.0, "num_envs": 2048, "batch_size": 1024, "num_minibatches": 32, "unroll_length": 30,
+    "num_epochs": 16, "total_timesteps": 180_000_000, "num_eval_envs": 128, "num_flow_steps": 10, "num_cfm_samples": 8,
+}
+
+
+def test_defaults_are_the_released_values():
+    resolved = fpo.resolve(fpo.Args())
+    assert {k: getattr(resolved, k) for k in RELEASED_DEFAULTS} == RELEASED_DEFAULTS
+    assert fpo.Args().discount is None  # the task's value
+    assert fpo.resolve(fpo.Args(env_name="FingerSpin")).discount == 0.95
+    assert fpo.resolve(fpo.Args(env_name="BallInCup")).discount == 0.95
+    assert fpo.resolve(fpo.Args(env_name="FingerSpin", discount=0.99)).discount == 0.99
+
+
+def test_value_loss_is_vf_coef_times_the_mean_squared_error():
+    args, params, *rest = _setup()
+    batch = _loss_batch(args, params, *rest)
+    values = fpo.critic(params["critic"], batch["obs"])
+    batch["target"] = values - jnp.where(jnp.arange(B) % 2 == 0, 2.0, 0.0)  # squared errors 4, 0, 4, ...
+    loss, metrics = fpo.fpo_loss(params, batch, args)
+    loss_without_value, _ = fpo.fpo_loss(params, batch, dataclasses.replace(args, vf_coef=0.0))
+    mse = float(jnp.mean((values - batch["target"]) ** 2))
+    assert mse == pytest.approx(2.0, rel=1e-5)
+    assert float(metrics["loss/value"]) == pytest.approx(mse, rel=1e-5)
+    assert float(loss - loss_without_value) == pytest.approx(args.vf_coef * mse, rel=1e-4)

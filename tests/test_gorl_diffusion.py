@@ -22,6 +22,7 @@ import common  # noqa: E402
 import gorl_diffusion as gd  # noqa: E402
 
 OBS, ACT, B, T = 5, 3, 64, 10
+ARGS = gd.resolve(gd.Args())
 
 
 def _hand_alpha_bar(num_steps=T, s=0.008):
@@ -31,6 +32,14 @@ def _hand_alpha_bar(num_steps=T, s=0.008):
     for k in range(1, num_steps + 1):
         abar.append(abar[-1] * (1.0 - min(1.0 - f[k] / f[k - 1], 0.999)))
     return np.array(abar)
+
+
+def _hand_linear_alpha_bar(num_steps=T):
+    """The released code's schedule: abar falls linearly from 1 to 1e-3 over t / T."""
+    return np.array([1e-3 + (1 - 1e-3) * (1 - k / num_steps) for k in range(num_steps + 1)])
+
+
+HAND_ALPHA_BAR = {"cosine": _hand_alpha_bar, "linear": _hand_linear_alpha_bar}
 
 
 def _hand_skip(abar):
@@ -57,7 +66,7 @@ def _textbook_ddim(eps_fn, x_T, abar, clip=None):
 def _random_decoder(seed, scale=0.3):
     """A decoder as after some training: the zero output layer replaced by a random one."""
     k_init, k_w = jax.random.split(jax.random.PRNGKey(seed))
-    params = gd.init_decoder(k_init, OBS, ACT, gd.Args())
+    params = gd.init_decoder(k_init, OBS, ACT, ARGS)
     params[-1] = {"w": scale * jax.random.normal(k_w, params[-1]["w"].shape), "b": jnp.full(ACT, 0.1)}
     return params
 
@@ -67,22 +76,25 @@ def _random_decoder(seed, scale=0.3):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_schedule_matches_the_cosine_formula_and_the_derivation():
-    sched = gd.diffusion_schedule(T)
-    abar = _hand_alpha_bar()
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_matches_its_formula_and_the_derivation(schedule):
+    sched = gd.diffusion_schedule(T, "x0", schedule)
+    abar = HAND_ALPHA_BAR[schedule]()
     np.testing.assert_allclose(sched["alpha_bar"], abar, rtol=1e-6)
     np.testing.assert_allclose(sched["skip"][1:], _hand_skip(abar)[1:], rtol=1e-6)
     assert np.all(np.asarray(sched["skip"][1:]) > 0) and np.all(np.asarray(sched["skip"][1:]) < 1)
-    # A zero noise estimate alone would scale z by 1 / sqrt(abar_T), about 204: the skip is needed.
-    assert 1 / math.sqrt(abar[-1]) > 100
+    # A zero noise estimate alone would scale z by 1 / sqrt(abar_T) (about 31 linear, 204 cosine):
+    # the skip is needed.
+    assert 1 / math.sqrt(abar[-1]) > 30
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("decoder_output", ["eps", "x0"])
-def test_decoder_is_the_identity_at_initialization(decoder_output):
+def test_decoder_is_the_identity_at_initialization(decoder_output, schedule):
     """Bound reached: 0. g(s, z) == z bit for bit for |z_i| <= denoised_clip (any z without the
     clip); beyond the clip it is sign(z_i) * clip, where tanh differs from tanh(z_i) by < 1e-4."""
-    args = gd.Args(decoder_output=decoder_output)
-    sched = gd.diffusion_schedule(args.diffusion_steps, decoder_output)
+    args = gd.resolve(gd.Args(decoder_output=decoder_output, noise_schedule=schedule))
+    sched = gd.diffusion_schedule(args.diffusion_steps, decoder_output, schedule)
     k_dec, k_obs, k_z = jax.random.split(jax.random.PRNGKey(0), 3)
     params = gd.init_decoder(k_dec, OBS, ACT, args)
     obs = 3.0 * jax.random.normal(k_obs, (B, OBS))
@@ -100,17 +112,18 @@ def test_decoder_is_the_identity_at_initialization(decoder_output):
     # is c_t x_t, and textbook DDIM with that prediction returns z up to float64 rounding.
     t = jnp.full(B, 7)
     np.testing.assert_allclose(gd.predict_noise(params, obs, z, t, sched), sched["skip"][7] * z, rtol=1e-6)
-    abar = _hand_alpha_bar()
+    abar = HAND_ALPHA_BAR[schedule]()
     c = _hand_skip(abar)
     np.testing.assert_allclose(_textbook_ddim(lambda x, t: c[t] * x, z, abar), z, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("decoder_output", ["eps", "x0"])
-def test_ddim_is_textbook_ddim_for_a_nonzero_network(decoder_output):
+def test_ddim_is_textbook_ddim_for_a_nonzero_network(decoder_output, schedule):
     """decode's x_{t-1} = x_t + B_t f (+ clip correction) is Song et al.'s DDIM with the eps_phi
     that Eq. (17) trains: sampling and training use the same noise predictor."""
-    sched = gd.diffusion_schedule(T, decoder_output)
-    abar = _hand_alpha_bar()
+    sched = gd.diffusion_schedule(T, decoder_output, schedule)
+    abar = HAND_ALPHA_BAR[schedule]()
     params = _random_decoder(1)
     obs = jax.random.normal(jax.random.PRNGKey(2), (B, OBS))
     z = jax.random.normal(jax.random.PRNGKey(3), (B, ACT))
@@ -130,7 +143,7 @@ def test_ddim_is_textbook_ddim_for_a_nonzero_network(decoder_output):
 
 
 def test_ddim_with_a_perfect_noise_predictor_recovers_the_clean_action():
-    sched = gd.diffusion_schedule(T)
+    sched = gd.diffusion_schedule(T, "x0", "cosine")
     abar = _hand_alpha_bar()
     k_a, k_xi = jax.random.split(jax.random.PRNGKey(4))
     a0 = 1.5 * jax.random.normal(k_a, (B, ACT))
@@ -153,14 +166,14 @@ def test_ddim_with_a_perfect_noise_predictor_recovers_the_clean_action():
 
 
 def test_diffusion_loss_shapes_and_value(monkeypatch):
-    sched = gd.diffusion_schedule(T)
-    abar = _hand_alpha_bar()
+    sched = gd.diffusion_schedule(T, "x0", "linear")
+    abar = _hand_linear_alpha_bar()
     k = jax.random.split(jax.random.PRNGKey(5), 4)
     obs = jax.random.normal(k[0], (B, OBS))
     actions = 2.0 * jax.random.normal(k[1], (B, ACT))
     xi = jax.random.normal(k[2], (B, ACT))
     t = jax.random.randint(k[3], (B,), 1, T + 1)
-    params = gd.init_decoder(jax.random.PRNGKey(6), OBS, ACT, gd.Args())
+    params = gd.init_decoder(jax.random.PRNGKey(6), OBS, ACT, ARGS)
 
     # Zero network: eps_phi = c_t x_t, x_t from the forward process (Eq. 16), computed here by hand.
     a_t, b_t = np.sqrt(abar[np.asarray(t)])[:, None], np.sqrt(1 - abar[np.asarray(t)])[:, None]
@@ -169,7 +182,6 @@ def test_diffusion_loss_shapes_and_value(monkeypatch):
     loss, grads = jax.value_and_grad(gd.diffusion_loss)(params, obs, actions, xi, t, sched)
     assert loss.shape == ()
     np.testing.assert_allclose(loss, want, rtol=1e-5)
-    assert jax.tree.structure(grads) == jax.tree.structure(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert np.any(np.asarray(grads[-1]["w"]) != 0)
 
@@ -185,13 +197,12 @@ def test_diffusion_loss_shapes_and_value(monkeypatch):
 
 def test_refinement_inputs_prior_and_encoder_latents():
     batch = {"action": jnp.ones((4096, ACT)), "latent": jnp.full((4096, ACT), 3.0)}
-    k_xi, k_t = jax.random.split(jax.random.PRNGKey(7))
-    xi, t = gd.refinement_inputs(batch, k_xi, k_t, T, "prior")
-    assert xi.shape == (4096, ACT) and t.shape == (4096,)
+    xi, t = gd.refinement_inputs(batch, jax.random.PRNGKey(7), 2, T, "prior")
+    assert xi.shape == (2, 4096, ACT) and t.shape == (2, 4096)
     assert abs(float(xi.mean())) < 0.05 and abs(float(xi.std()) - 1.0) < 0.05  # fresh N(0, I)
     assert int(t.min()) == 1 and int(t.max()) == T  # U{1..T}, both ends reached
-    xi, _ = gd.refinement_inputs(batch, k_xi, k_t, T, "encoder")
-    np.testing.assert_array_equal(xi, batch["latent"])
+    xi, _ = gd.refinement_inputs(batch, jax.random.PRNGKey(7), 2, T, "encoder")
+    np.testing.assert_array_equal(xi, np.broadcast_to(batch["latent"], (2, 4096, ACT)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +211,7 @@ def test_refinement_inputs_prior_and_encoder_latents():
 
 
 def test_encoder_reinitialization_is_the_prior():
-    args = gd.Args()
+    args = ARGS
     obs = 5.0 * jax.random.normal(jax.random.PRNGKey(8), (B, OBS))
     trained = common.mlp_init(jax.random.PRNGKey(9), [OBS, *args.encoder_hidden, 2 * ACT])  # not the prior
     mean, scale = gd.encoder(trained, obs)
@@ -221,8 +232,8 @@ def test_decoder_fits_a_bimodal_distribution():
     """Actions at +-center(s) + 0.3 noise, the mode a fair coin; Eq. (17) with prior noise, then
     DDIM from prior latents. The identity decoder (a Gaussian) puts ~35% of its mass between
     the modes; the fitted decoder must put both modes' mass where they are."""
-    args = gd.Args()
-    sched = gd.diffusion_schedule(args.diffusion_steps)
+    args = ARGS
+    sched = gd.diffusion_schedule(args.diffusion_steps, args.decoder_output, args.noise_schedule)
     direction = jnp.array([2.0, -1.5, 1.0])
 
     def data(key, n):
@@ -236,9 +247,9 @@ def test_decoder_fits_a_bimodal_distribution():
 
     def update(carry, key):
         params, opt_state = carry
-        k_data, k_xi, k_t = jax.random.split(key, 3)
+        k_data, k_inputs = jax.random.split(key)
         obs, actions = data(k_data, 512)
-        xi, t = gd.refinement_inputs({"action": actions}, k_xi, k_t, args.diffusion_steps)
+        xi, t = gd.refinement_inputs({"action": actions}, k_inputs, 1, args.diffusion_steps)
         loss, grads = jax.value_and_grad(gd.diffusion_loss)(params, obs, actions, xi, t, sched)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
@@ -280,16 +291,19 @@ def test_decoder_fits_a_bimodal_distribution():
 
 def test_bad_flags_are_clear_errors_before_compilation():
     for bad in (dict(env_name="NoSuchTask"), dict(diffusion_steps=0), dict(denoised_clip=-1.0),
-                dict(refine_latents="decoder"), dict(decoder_output="v"), dict(stage_steps=(10,))):
+                dict(refine_latents="decoder"), dict(decoder_output="v"), dict(stage_steps=(10,)),
+                dict(noise_schedule="quadratic"), dict(learning_rate=(1e-3, -1.0)), dict(refine_epochs=0),
+                dict(env_name="CartpoleBalance", refine_envs=1, refine_episodes=2, refine_batch_size=4096)):
         with pytest.raises(SystemExit):
-            gd.validate(gd.Args(**bad))
+            gd.validate(gd.resolve(gd.Args(**bad)))
 
 
 def test_smoke_run_two_stages_and_resume(tmp_path):
     args = gd.Args(
         env_name="CartpoleBalance", num_envs=16, batch_size=16, num_minibatches=2, unroll_length=10,
-        num_epochs=2, stage_steps=(320, 320), refine_envs=4, refine_iterations=1, refine_batch_size=512,
-        refine_epochs=2, eval_every=320, num_eval_envs=4, runs_dir=str(tmp_path),
+        num_epochs=2, stage_steps=(320, 320), refine_envs=4, refine_episodes=4, refine_batch_size=512,
+        refine_epochs=2, refine_eval_every=5, refine_draws=2, refine_val_size=1000, eval_every=320,
+        num_eval_envs=4, runs_dir=str(tmp_path),
     )
     gd.main(args)
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
@@ -331,3 +345,64 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         assert [int(r["step"]) for r in csv.DictReader(f) if r.get("loss/total")] == [320, 640]
     shutil.rmtree(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults as released (configs/methods/gorl_diffusion.toml, dm_control profile)
+# ---------------------------------------------------------------------------------------------
+
+RELEASED_DIFFUSION = dict(
+    stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), num_envs=2048, unroll_length=30,
+    batch_size=1024, num_minibatches=32, num_epochs=16, learning_rate=(1e-3, 3e-4, 1e-4), discount=0.995,
+    gae_lambda=0.95, vf_coef=0.25, ent_coef=0.01, reward_scaling=10.0, stage0_clip_eps=0.15, clip_eps=0.15,
+    stage0_max_grad_norm=0.5, max_grad_norm=0.5, stage0_kl_beta=5e-4, kl_beta=1e-3, encoder_reset=False,
+    decoder_hidden=(64,) * 4, diffusion_steps=10, noise_schedule="linear", refine_episodes=4096, refine_envs=64,
+    refine_epochs=50, refine_batch_size=8192, refine_draws=8, refine_learning_rate=3e-4, pairwise_weight=1e-3,
+    decoder_target_clip=3.0, decoder_init="fresh", refine_val_fraction=0.1, refine_metric="val_loss",
+    deterministic_eval=True, action_semantics="pre_squash", bounded_latent=False,
+)
+
+
+@pytest.mark.parametrize("field", sorted(RELEASED_DIFFUSION))
+def test_defaults_are_the_released_values(field):
+    assert getattr(gd.resolve(gd.Args(env_name="CheetahRun")), field) == RELEASED_DIFFUSION[field]
+
+
+def test_refinement_steps_count_epochs_as_released():
+    # 4096 episodes, 409 held out: 3,687,000 training transitions, 450 batches of 8192 per epoch.
+    assert gd.refine_steps(ARGS) == 50 * 450
+    humanoid = gd.resolve(gd.Args(env_name="HumanoidRun"))
+    assert humanoid.decoder_hidden == (128,) * 4 and humanoid.clip_eps == 0.3 and humanoid.bounded_latent
+
+
+def test_each_stage_gets_its_learning_rate_without_a_new_optimizer():
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+    params = {"w": jnp.ones(3)}
+    rates = [float(gd.stage_optimizer_state(optimizer, params, ARGS, m).hyperparams["learning_rate"])
+             for m in range(4)]
+    np.testing.assert_allclose(rates, [1e-3, 3e-4, 1e-4, 1e-4], rtol=1e-6)
+    state = gd.stage_optimizer_state(optimizer, params, ARGS, 2)
+    updates, _ = optimizer.update({"w": jnp.ones(3)}, state, params)
+    np.testing.assert_allclose(updates["w"], -1e-4, rtol=1e-3)  # Adam's first step is lr * sign(grad)
+
+
+def test_pairwise_loss_adds_the_reconstruction_of_the_encoders_action():
+    """pairwise_weight * mean((g(s, z_enc) - a)^2): zero weight gives Eq. (17) alone; for the
+    identity decoder g(s, z_enc) = z_enc, so the term is the mean squared gap between latent and action."""
+    import types
+    env = types.SimpleNamespace(observation_size=OBS, action_size=ACT)
+    rng = np.random.default_rng(0)
+    n = 2000
+    dataset = {"obs": jnp.asarray(rng.normal(size=(n, 1, OBS)), jnp.float32),
+               "action": jnp.asarray(rng.normal(size=(n, 1, ACT)), jnp.float32),
+               "latent": jnp.asarray(rng.normal(size=(n, 1, ACT)), jnp.float32)}
+    vals = {}
+    for w in (0.0, 0.5):
+        args = gd.resolve(gd.Args(pairwise_weight=w, refine_envs=1, refine_episodes=2, refine_epochs=1,
+                                  refine_batch_size=100, refine_eval_every=10, refine_learning_rate=0.0,
+                                  refine_val_size=1000, refine_draws=2))
+        _, fit = gd.make_refinement(env, args)
+        _, _, metrics = fit(None, dataset, jax.random.PRNGKey(0))
+        vals[w] = float(metrics["refine/val_initial"])
+    gap = np.mean((np.asarray(dataset["latent"]) - np.asarray(dataset["action"])) ** 2)
+    assert abs((vals[0.5] - vals[0.0]) / 0.5 - gap) < 0.1 * gap

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import common
 import gorl_fm
 
 OBS, ACT = 7, 3
-ARGS = gorl_fm.Args()
+ARGS = gorl_fm.resolve(gorl_fm.Args())
 
 
 def random_states(n=256, seed=0):
@@ -103,12 +104,16 @@ def test_loss_shapes_and_ratio_one_at_rollout_parameters():
     assert all(v.shape == () and np.isfinite(float(v)) for v in metrics.values())
     assert float(metrics["encoder/clip_fraction"]) == 0.0  # the batch's log-probs are the prior's
     grads = jax.grad(lambda p: gorl_fm.latent_ppo_loss(p, batch, gorl_fm.stage_hyperparameters(ARGS, 0), ARGS)[0])(params)
-    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
     dec = gorl_fm.init_decoder(jax.random.PRNGKey(2), OBS, ACT, ARGS)
-    z, t = gorl_fm.refinement_inputs({"action": batch["latent"]}, jax.random.PRNGKey(4), jax.random.PRNGKey(5))
-    assert z.shape == (32, ACT) and t.shape == (32,)
+    z, t = gorl_fm.refinement_inputs({"action": batch["latent"]}, jax.random.PRNGKey(4), 8)
+    assert z.shape == (8, 32, ACT) and t.shape == (8, 32)
     assert gorl_fm.flow_matching_loss(dec, batch["obs"], batch["latent"], z, t).shape == ()
+    # The 8 draws per action are averaged: the same as the mean of 8 one-draw losses.
+    per_draw = [gorl_fm.flow_matching_loss(dec, batch["obs"], batch["latent"], z[i], t[i]) for i in range(8)]
+    np.testing.assert_allclose(float(gorl_fm.flow_matching_loss(dec, batch["obs"], batch["latent"], z, t)),
+                               float(np.mean(per_draw)), rtol=1e-5)
 
 
 def test_flow_matching_loss_is_zero_for_the_true_velocity():
@@ -128,45 +133,146 @@ def test_flow_matching_loss_is_zero_for_the_true_velocity():
 
 def test_refinement_latents_prior_vs_encoder_ablation():
     batch = {"action": jnp.ones((4096, ACT)), "latent": jnp.full((4096, ACT), 7.0)}
-    z_prior, _ = gorl_fm.refinement_inputs(batch, jax.random.PRNGKey(0), jax.random.PRNGKey(1), "prior")
-    z_enc, _ = gorl_fm.refinement_inputs(batch, jax.random.PRNGKey(0), jax.random.PRNGKey(1), "encoder")
+    z_prior, _ = gorl_fm.refinement_inputs(batch, jax.random.PRNGKey(0), 1, "prior")
+    z_enc, _ = gorl_fm.refinement_inputs(batch, jax.random.PRNGKey(0), 1, "encoder")
     np.testing.assert_array_equal(np.asarray(z_enc), 7.0)
     assert abs(float(z_prior.mean())) < 0.05 and abs(float(z_prior.std()) - 1.0) < 0.05
 
 
+def one_state_dataset(actions, obs_row, episodes):
+    """A refinement dataset laid out as a rollout, [1000 * episodes, 1 env, .], at one state."""
+    n = len(actions)
+    return {"obs": jnp.asarray(np.tile(obs_row, (n, 1)))[:, None], "action": jnp.asarray(actions)[:, None],
+            "latent": jnp.zeros((n, 1, actions.shape[-1]))}
+
+
+FAKE_ENV = types.SimpleNamespace(observation_size=4, action_size=1)
+
+
 def test_decoder_fit_to_bimodal_actions_generates_both_modes():
-    """Fit by the refinement's own `fit` (fresh prior latents) to actions at +-1.5 at one state."""
-    args = dataclasses.replace(ARGS, refine_envs=2, refine_iterations=1, refine_batch_size=250,
-                               refine_epochs=150, refine_learning_rate=3e-3)
-    n = gorl_fm.refine_dataset_size(args)
-    obs_size, act_size = 4, 1
+    """Fit by the refinement's own `fit` (fresh decoder, prior latents) to actions at +-1.5."""
+    args = dataclasses.replace(ARGS, refine_envs=1, refine_episodes=3, refine_steps=1000, refine_eval_every=100,
+                               refine_batch_size=250, refine_draws=4, refine_learning_rate=3e-3, refine_val_size=1000)
     rng = np.random.default_rng(0)
-    actions = np.where(rng.random((n, 1)) < 0.5, -1.5, 1.5).astype(np.float32)
-    obs = np.tile(np.array([[0.3, -0.2, 1.0, 0.5]], np.float32), (n, 1))
-    dataset = {"obs": jnp.asarray(obs), "action": jnp.asarray(actions), "latent": jnp.zeros((n, 1))}
-    _, fit = gorl_fm.make_refinement(None, args)
-    decoder = gorl_fm.init_decoder(jax.random.PRNGKey(0), obs_size, act_size, args)
-    norm = common.normalizer_init(obs_size)
-    decoder, metrics = fit(decoder, norm, dataset, jax.random.PRNGKey(1))
+    actions = np.where(rng.random((3000, 1)) < 0.5, -1.5, 1.5).astype(np.float32)
+    obs_row = np.array([[0.3, -0.2, 1.0, 0.5]], np.float32)
+    _, fit = gorl_fm.make_refinement(FAKE_ENV, args)
+    decoder, norm, metrics = fit(None, one_state_dataset(actions, obs_row, 3), jax.random.PRNGKey(1))
+    assert float(metrics["refine/val_best"]) < float(metrics["refine/val_initial"])
     z = jax.random.normal(jax.random.PRNGKey(2), (4000, 1))
-    a = np.asarray(gorl_fm.decode(decoder, jnp.asarray(np.tile(obs[:1], (4000, 1))), z, 10))[:, 0]
+    obs = common.normalize(norm, jnp.asarray(np.tile(obs_row, (4000, 1))))
+    a = np.asarray(gorl_fm.decode(decoder, obs, z, 10))[:, 0]
     near_low, near_high = np.mean(np.abs(a + 1.5) < 0.5), np.mean(np.abs(a - 1.5) < 0.5)
     assert near_low > 0.3 and near_high > 0.3, (near_low, near_high)
     assert np.mean(np.abs(a) < 0.5) < 0.15
 
 
+def test_fresh_decoder_is_the_identity_until_it_beats_it_on_validation():
+    """With a zero learning rate nothing improves on the held-out episodes, so the refinement
+    hands back its fresh decoder: the exact identity (and never the previous stage's decoder)."""
+    args = dataclasses.replace(ARGS, refine_envs=1, refine_episodes=2, refine_steps=20, refine_eval_every=10,
+                               refine_batch_size=64, refine_learning_rate=0.0, refine_val_size=500)
+    actions = np.random.default_rng(0).normal(size=(2000, 1)).astype(np.float32)
+    _, fit = gorl_fm.make_refinement(FAKE_ENV, args)
+    previous = gorl_fm.init_decoder(jax.random.PRNGKey(5), 4, 1, args)
+    previous[-1]["b"] = jnp.ones(1)  # not the identity
+    decoder, _, metrics = fit(previous, one_state_dataset(actions, np.ones((1, 4), np.float32), 2), jax.random.PRNGKey(0))
+    z = jnp.linspace(-3, 3, 13)[:, None]
+    np.testing.assert_array_equal(np.asarray(gorl_fm.decode(decoder, jnp.zeros((13, 4)), z, 10)), np.asarray(z))
+    assert int(metrics["refine/best_step"]) == 0
+
+
+def test_regression_targets_are_clipped_as_released():
+    a = jnp.array([[-5.0, -2.0, 0.5, 4.0]])
+    np.testing.assert_array_equal(np.asarray(gorl_fm.regression_targets(a, "pre_squash", 3.0)), [[-3.0, -2.0, 0.5, 3.0]])
+    np.testing.assert_array_equal(np.asarray(gorl_fm.regression_targets(a, "pre_squash", 0.0)), np.asarray(a))
+    # Bounded actions (humanoids): the target is the environment's action in [-1, 1].
+    np.testing.assert_array_equal(np.asarray(gorl_fm.regression_targets(a, "bounded", 1.0)), [[-1.0, -1.0, 0.5, 1.0]])
+
+
+def test_bounded_latent_and_bounded_actions():
+    params = gorl_fm.init_encoder(jax.random.PRNGKey(0), OBS, ACT, ARGS)
+    params[-1]["b"] = params[-1]["b"].at[:ACT].set(2.0)
+    obs = random_states(4096)
+    z, u, log_prob = gorl_fm.sample_latent(params, obs, jax.random.PRNGKey(1), bounded=True)
+    np.testing.assert_allclose(np.asarray(z), np.tanh(np.asarray(u)), rtol=1e-6)
+    assert float(jnp.abs(z).max()) < 1.0 and float(jnp.abs(u).max()) > 1.0
+    # PPO's log-probability is the Gaussian one of u (the tanh Jacobian cancels in the ratio).
+    mean, scale = gorl_fm.encoder(params, obs)
+    np.testing.assert_allclose(np.asarray(log_prob), np.asarray(common.gaussian_log_prob(u, mean, scale)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(gorl_fm.mean_latent(params, obs, True)), np.tanh(2.0), rtol=1e-6)
+    # The environment applies tanh: a bounded decoder output reaches it clipped to [-1, 1].
+    a = jnp.array([-3.0, -0.7, 0.0, 0.4, 1.0, 2.0])
+    np.testing.assert_allclose(np.tanh(np.asarray(gorl_fm.env_action(a, "bounded"))),
+                               np.clip(np.asarray(a), -1, 1), atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(gorl_fm.env_action(a, "pre_squash")), np.asarray(a))
+
+
+# The released values (bennidict23/GoRL: configs/methods/gorl_fm.toml, dm_control profile), so
+# that a silent change of a default fails here.
+RELEASED_FM = dict(
+    stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), num_envs=2048, unroll_length=30, batch_size=1024,
+    num_minibatches=32, num_epochs=16, learning_rate=1e-3, discount=0.995, gae_lambda=0.95, vf_coef=0.25,
+    ent_coef=0.01, reward_scaling=10.0, stage0_clip_eps=0.15, clip_eps=0.3, stage0_max_grad_norm=0.5,
+    max_grad_norm=0.5, stage0_kl_beta=5e-4, kl_beta=1e-3, bounded_latent=False, encoder_hidden=(32,) * 4,
+    critic_hidden=(256,) * 5, decoder_hidden=(128,) * 4, flow_steps=10, action_semantics="pre_squash",
+    refine_episodes=4096, refine_envs=64, refine_steps=50_000, refine_batch_size=8192, refine_draws=8,
+    refine_learning_rate=3e-4, decoder_target_clip=3.0, decoder_init="fresh", refine_val_fraction=0.1,
+    refine_eval_every=100, refine_val_size=65536, refine_metric="val_loss", num_eval_envs=128,
+    deterministic_eval=True, encoder_reset=True, latent_regularizer="kl",
+)
+
+
+@pytest.mark.parametrize("field", sorted(RELEASED_FM))
+def test_defaults_are_the_released_values(field):
+    args = gorl_fm.resolve(gorl_fm.Args(env_name="CheetahRun"))
+    assert getattr(args, field) == RELEASED_FM[field]
+
+
+@pytest.mark.parametrize("env_name, expected", [
+    ("FingerSpin", dict(discount=0.95, refine_metric="val_endpoint_mse", max_grad_norm=0.5)),
+    ("BallInCup", dict(discount=0.95)),
+    ("FingerTurnHard", dict(max_grad_norm=1.0, discount=0.995)),
+    ("WalkerWalk", dict(max_grad_norm=1.0, kl_beta=3e-3)),
+    ("HopperStand", dict(decoder_hidden=(64,) * 4, decoder_target_clip=0.0)),
+    ("HumanoidRun", dict(stage_steps=(60_000_000, 60_000_000), bounded_latent=True, stage0_clip_eps=0.3,
+                         action_semantics="bounded", decoder_target_clip=1.0, refine_episodes=1024,
+                         deterministic_eval=False)),
+    ("HumanoidStand", dict(stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), refine_episodes=128,
+                           bounded_latent=True)),
+    ("CartpoleBalance", dict(discount=0.995, decoder_hidden=(128,) * 4, deterministic_eval=True)),
+])
+def test_task_settings_resolve_per_task(env_name, expected):
+    args = gorl_fm.resolve(gorl_fm.Args(env_name=env_name))
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_a_flag_given_on_the_command_line_beats_the_task_value():
+    args = gorl_fm.resolve(gorl_fm.Args(env_name="FingerSpin", discount=0.99, refine_metric="val_loss"))
+    assert args.discount == 0.99 and args.refine_metric == "val_loss"
+
+
 def test_validation_rejects_bad_budgets_before_compiling():
+    def check(**kw):
+        gorl_fm.validate(gorl_fm.resolve(gorl_fm.Args(**{"env_name": "CartpoleBalance", **kw})))
+
     with pytest.raises(SystemExit, match="stage"):
-        gorl_fm.validate(gorl_fm.Args(env_name="CartpoleBalance", stage_steps=(10, 10)))
+        check(stage_steps=(10, 10))
     with pytest.raises(SystemExit, match="unknown task"):
-        gorl_fm.validate(gorl_fm.Args(env_name="NoSuchTask"))
-    with pytest.raises(SystemExit, match="refine-batch-size"):
-        gorl_fm.validate(gorl_fm.Args(env_name="CartpoleBalance", refine_envs=1, refine_iterations=1))
+        check(env_name="NoSuchTask")
+    with pytest.raises(SystemExit, match="multiple of --refine-envs"):
+        check(refine_envs=3, refine_episodes=10)
+    with pytest.raises(SystemExit, match="refine-val-fraction"):
+        check(refine_envs=1, refine_episodes=1)
+    with pytest.raises(SystemExit, match="multiple of --refine-eval-every"):
+        check(refine_steps=150)
+    with pytest.raises(SystemExit, match="decoder-init"):
+        check(decoder_init="lukewarm")
 
 
 TINY = dict(env_name="CartpoleBalance", num_envs=16, batch_size=16, num_minibatches=2, unroll_length=10,
-            num_epochs=2, refine_envs=2, refine_iterations=1, refine_batch_size=500, refine_epochs=2,
-            eval_every=320, num_eval_envs=4)
+            num_epochs=2, refine_envs=2, refine_episodes=2, refine_steps=20, refine_eval_every=10,
+            refine_batch_size=500, refine_draws=2, refine_val_size=1000, eval_every=320, num_eval_envs=4)
 
 
 def read_csv(path):
@@ -184,6 +290,7 @@ def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
     # ... resumed with a second stage in its budget: stage 0 is not repeated.
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
+    assert config["discount"] == 0.995 and config["decoder_hidden"] == [128] * 4  # resolved values recorded
     config["stage_steps"] = [640, 640]
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
@@ -204,6 +311,8 @@ def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
     saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.pkl"))
     obs = jnp.zeros(saved["norm"].mean.shape)
     actions = gorl_fm.sample_actions(saved, obs, jax.random.PRNGKey(0), 100, 10)
+    assert actions.shape == (100, 1) and bool(jnp.all(jnp.abs(actions) <= 1.0))
+    actions = gorl_fm.sample_actions(saved, obs, jax.random.PRNGKey(0), 100, 10, from_prior=True)
     assert actions.shape == (100, 1) and bool(jnp.all(jnp.abs(actions) <= 1.0))
     # The stage-1 decoder was refined: it is no longer the identity.
     z = jnp.linspace(-2, 2, 9)[:, None]

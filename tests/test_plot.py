@@ -141,7 +141,7 @@ def test_density_png_from_sample_sets(tmp_path):
 def saved_gorl_run(root, algo="gorl_fm", obs_size=5, act_size=1):
     """A run folder holding two gorl_fm stage checkpoints (no training: fresh parameters)."""
     run_dir = os.path.join(root, "CartpoleBalance__gorl_fm__1__x")
-    args = gorl_fm.Args(env_name="CartpoleBalance")
+    args = gorl_fm.resolve(gorl_fm.Args(env_name="CartpoleBalance"))
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"algo": algo, **dataclasses.asdict(args)}, f)

@@ -14,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import common
@@ -44,10 +45,11 @@ def random_batch(params, key, n=64, obs_size=5):
 
 
 def test_ppo_loss_at_the_rollout_parameters():
-    args = ppo.Args(actor_hidden=(16, 16), critic_hidden=(16, 16))
+    args = ppo.resolve(ppo.Args(actor_hidden=(16, 16), critic_hidden=(16, 16)))
     params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
     batch = random_batch(params, jax.random.PRNGKey(1))
-    loss_and_grad = jax.jit(lambda p, b: jax.value_and_grad(ppo.ppo_loss, has_aux=True)(p, b, args))
+    key = jax.random.PRNGKey(2)
+    loss_and_grad = jax.jit(lambda p, b: jax.value_and_grad(ppo.ppo_loss, has_aux=True)(p, b, key, args))
     (loss, metrics), grads = loss_and_grad(params, batch)
     assert set(metrics) == LOSS_KEYS
     assert loss.shape == () and all(v.shape == () for v in metrics.values())
@@ -60,20 +62,149 @@ def test_ppo_loss_at_the_rollout_parameters():
     # The parts add up as documented.
     values = ppo.critic(params["critic"], batch["obs"])
     assert values.shape == (64,)
-    assert float(metrics["loss/value"]) == pytest.approx(0.5 * float(jnp.mean((values - batch["target"]) ** 2)), rel=1e-5)
-    _, scale = ppo.actor(params["actor"], batch["obs"])
-    assert float(metrics["policy/entropy"]) == pytest.approx(float(common.gaussian_entropy(scale).mean()), rel=1e-5)
+    assert float(metrics["loss/value"]) == pytest.approx(float(jnp.mean((values - batch["target"]) ** 2)), rel=1e-5)
+    mean, scale = ppo.actor(params["actor"], batch["obs"])
+    assert args.entropy == "tanh"
+    expected = ppo.entropy_estimate(mean, scale, key, "tanh").mean()  # the loss's key draws the sample
+    assert float(metrics["policy/entropy"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(expected) != pytest.approx(float(common.gaussian_entropy(scale).mean()), rel=1e-3)
     total = metrics["loss/policy"] + args.vf_coef * metrics["loss/value"] - args.ent_coef * metrics["policy/entropy"]
     assert float(loss) == float(metrics["loss/total"]) == pytest.approx(float(total), rel=1e-5, abs=1e-6)
 
 
 def test_ppo_loss_clips_away_from_the_rollout_parameters():
-    args = ppo.Args(actor_hidden=(16, 16), critic_hidden=(16, 16))
+    args = ppo.resolve(ppo.Args(actor_hidden=(16, 16), critic_hidden=(16, 16)))
     params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
     batch = random_batch(params, jax.random.PRNGKey(1))
     batch["log_prob"] = batch["log_prob"] + jnp.where(jnp.arange(64) % 2 == 0, 1.0, 0.0)  # ratio e^-1 on half
-    _, metrics = ppo.ppo_loss(params, batch, args)
+    _, metrics = ppo.ppo_loss(params, batch, jax.random.PRNGKey(2), args)
     assert float(metrics["policy/clip_fraction"]) == pytest.approx(0.5)
+
+
+def test_value_loss_is_a_quarter_of_the_mean_squared_error():
+    args = ppo.resolve(ppo.Args(actor_hidden=(8,), critic_hidden=(8,)))
+    params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
+    batch = random_batch(params, jax.random.PRNGKey(1), n=4)
+    values = ppo.critic(params["critic"], batch["obs"])
+    batch["target"] = values - jnp.array([1.0, -2.0, 3.0, 0.0])  # squared errors 1, 4, 9, 0: MSE 3.5
+    key = jax.random.PRNGKey(3)
+    loss, metrics = ppo.ppo_loss(params, batch, key, args)
+    loss_without_value, _ = ppo.ppo_loss(params, batch, key, dataclasses.replace(args, vf_coef=0.0))
+    assert args.vf_coef == 0.25
+    assert float(metrics["loss/value"]) == pytest.approx(3.5, rel=1e-5)
+    assert float(loss - loss_without_value) == pytest.approx(0.25 * 3.5, rel=1e-4)
+
+
+# (mean, scale) of one action dimension; the last one saturates tanh on most of its mass.
+ENTROPY_CASES = [(0.0, 1.0), (0.5, 0.3), (-1.0, 0.1), (2.0, 1.5)]
+
+
+@pytest.mark.parametrize("mean,scale", ENTROPY_CASES)
+def test_tanh_entropy_estimate_is_the_entropy_of_the_squashed_action(mean, scale):
+    """E over keys of the one-sample estimate = -E[log p_Y(y)] for y = tanh(u), u ~ N(mean, scale^2),
+    with p_Y(y) = N(u; mean, scale) / (1 - tanh(u)^2), estimated independently in float64."""
+    n = 200_000
+    means, scales = jnp.full((n, 1), mean), jnp.full((n, 1), scale)
+    estimates = np.asarray(ppo.entropy_estimate(means, scales, jax.random.PRNGKey(0), "tanh"), np.float64)
+    assert estimates.shape == (n,)  # one independent sample per state
+    u = np.random.default_rng(1).normal(mean, scale, n)
+    log_p_u = -0.5 * ((u - mean) / scale) ** 2 - np.log(scale) - 0.5 * np.log(2 * np.pi)
+    minus_log_p_y = -(log_p_u - np.log(1.0 - np.tanh(u) ** 2))
+    assert np.all(np.isfinite(estimates)) and np.all(np.isfinite(minus_log_p_y))
+    error = 5 * np.sqrt(estimates.var() / n + minus_log_p_y.var() / n)
+    assert estimates.mean() == pytest.approx(minus_log_p_y.mean(), abs=error)
+    gaussian = float(common.gaussian_entropy(jnp.array([scale])))
+    assert float(ppo.entropy_estimate(jnp.array([[mean]]), jnp.array([[scale]]), None, "gaussian")[0]) == pytest.approx(gaussian)
+    if abs(mean) >= 1 or scale >= 1:  # away from the linear part of tanh the squash matters
+        assert abs(estimates.mean() - gaussian) > 0.5 and abs(estimates.mean() - gaussian) > 10 * error
+
+
+def test_tanh_entropy_estimate_is_reparameterized_and_keyed():
+    mean, scale = jnp.array([[1.5, -0.5]]), jnp.array([[0.8, 0.4]])
+    h = lambda m, s, k: ppo.entropy_estimate(m, s, k, "tanh").sum()  # noqa: E731
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    assert float(h(mean, scale, k1)) != float(h(mean, scale, k2))
+    assert float(h(mean, scale, k1)) == float(h(mean, scale, k1))
+    # The sample is mean + scale * eps, so the estimate depends on the mean (the Gaussian one does not).
+    assert np.all(np.abs(np.asarray(jax.grad(h)(mean, scale, k1))) > 1e-3)
+    g = jax.grad(lambda m: ppo.entropy_estimate(m, scale, None, "gaussian").sum())(mean)
+    assert np.all(np.asarray(g) == 0.0)
+
+
+def test_stochastic_evaluation_samples_the_policy():
+    args = ppo.resolve(ppo.Args(actor_hidden=(8,), critic_hidden=(8,)))
+    params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
+    norm = common.normalizer_init(5)
+    obs = jax.random.normal(jax.random.PRNGKey(1), (3, 5))
+    mean, scale = ppo.actor(params["actor"], obs)
+    k1, k2 = jax.random.PRNGKey(2), jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(ppo.act(params, norm, obs, k1, True), mean)
+    np.testing.assert_array_equal(ppo.act(params, norm, obs, k2, True), mean)
+    a1, a2 = ppo.act(params, norm, obs, k1, False), ppo.act(params, norm, obs, k2, False)
+    assert not np.allclose(a1, a2) and not np.allclose(a1, mean)
+    np.testing.assert_allclose(a1, mean + scale * jax.random.normal(k1, mean.shape), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults: the newest release's values (configs/methods/ppo.toml, dm_control profile), per task
+# ---------------------------------------------------------------------------------------------
+
+RELEASED_DEFAULTS = {
+    "env_name": "HopperStand",
+    "learning_rate": 3e-4,
+    "clip_eps": 0.1,
+    "ent_coef": 0.01,
+    "vf_coef": 0.25,
+    "discount": 0.995,
+    "gae_lambda": 0.95,
+    "reward_scaling": 10.0,
+    "max_grad_norm": 0.0,
+    "num_envs": 2048,
+    "batch_size": 1024,
+    "num_minibatches": 32,
+    "unroll_length": 30,
+    "num_epochs": 16,
+    "total_timesteps": 180_000_000,
+    "eval_every": 6_000_000,
+    "num_eval_envs": 128,
+    "deterministic_eval": True,
+    "actor_hidden": (32, 32, 32, 32),
+    "critic_hidden": (256, 256, 256, 256, 256),
+    "entropy": "tanh",
+    "normalizer_update": "after",
+    "impl": "jax",
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED_DEFAULTS))
+def test_defaults_are_the_released_values(name):
+    assert getattr(ppo.resolve(ppo.Args()), name) == RELEASED_DEFAULTS[name]
+
+
+def test_task_dependent_flags_default_to_none_and_resolve_per_task():
+    assert set(ppo.TASK_DEFAULTS) == {"learning_rate", "clip_eps", "discount", "max_grad_norm", "deterministic_eval"}
+    assert all(getattr(ppo.Args(), name) is None for name in ppo.TASK_DEFAULTS)
+    cases = {
+        "CartpoleBalance": dict(discount=0.995, learning_rate=3e-4, clip_eps=0.1, deterministic_eval=True),
+        "FingerSpin": dict(discount=0.95, learning_rate=3e-4, clip_eps=0.1, deterministic_eval=True),
+        "BallInCup": dict(discount=0.95),
+        "HumanoidRun": dict(discount=0.995, learning_rate=1e-3, clip_eps=0.3, deterministic_eval=False, max_grad_norm=0.0),
+        "HumanoidStand": dict(learning_rate=1e-3, clip_eps=0.3, deterministic_eval=False),
+    }
+    for task, expected in cases.items():
+        resolved = ppo.resolve(ppo.Args(env_name=task))
+        assert {k: getattr(resolved, k) for k in expected} == expected, task
+        assert all(getattr(resolved, name) is not None for name in ppo.TASK_DEFAULTS)
+        ppo.validate(resolved)
+    # A flag given on the command line wins over the task's value.
+    import tyro
+
+    args = tyro.cli(ppo.Args, args=["--env-name", "FingerSpin", "--discount", "0.9"])
+    assert ppo.resolve(args).discount == 0.9 and ppo.resolve(args).learning_rate == 3e-4
+    args = tyro.cli(ppo.Args, args=["--env-name", "HumanoidRun", "--deterministic-eval", "True", "--clip-eps", "0.2"])
+    resolved = ppo.resolve(args)
+    assert resolved.deterministic_eval is True and resolved.clip_eps == 0.2 and resolved.learning_rate == 1e-3
+    assert ppo.resolve(resolved) == resolved  # idempotent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +215,7 @@ BAD_FLAGS = {
     "unknown task": (["--env-name", "NoSuchTask"], ["NoSuchTask", "CartpoleBalance", "HopperStand"]),
     "batch does not divide": (["--batch-size", "1000"], ["--batch-size", "--num-envs", "multiple"]),
     "budget below one iteration": (["--total-timesteps", "1000"], ["--total-timesteps", "less than one iteration"]),
+    "unknown entropy estimate": (["--entropy", "exact"], ["--entropy", "tanh", "gaussian"]),
 }
 
 
@@ -193,6 +325,10 @@ def test_run_folder_contents(first_run):
         config = json.load(f)
     assert config["algo"] == "ppo" and config["total_timesteps"] == 2 * ITERATION
     assert config["num_envs"] == 16 and config["actor_hidden"] == [32, 32, 32, 32]
+    # The task-dependent flags are recorded as resolved for CartpoleBalance.
+    assert {k: config[k] for k in ppo.TASK_DEFAULTS} == {
+        "learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0, "deterministic_eval": True}
+    assert config["entropy"] == "tanh" and config["normalizer_update"] == "after"
 
     rows = read_csv(os.path.join(run_dir, "metrics.csv"))
     assert [int(r["step"]) for r in rows] == [ITERATION, 2 * ITERATION]
@@ -237,3 +373,25 @@ def test_resume_continues_from_the_checkpoint(first_run):
     checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"))
     assert int(checkpoint["step"]) == 3 * ITERATION
     assert float(checkpoint["norm"].count) == 3 * ITERATION  # the normalizer was restored, not reset
+
+
+def test_normalizer_update_before_the_epochs():
+    """"before" (Brax's order): the epochs see the observations normalized with statistics that
+    already include the rollout, so even the first gradient step's ratios are not 1. ("after",
+    ratio exactly 1 at the rollout parameters, is the end-to-end run's and the loss test's.)"""
+    args = ppo.resolve(ppo.Args(**{**SMALL, "num_epochs": 1, "num_minibatches": 1}, actor_hidden=(8,),
+                                critic_hidden=(8,), normalizer_update="before"))
+    env = common.make_env(args.env_name)
+    optimizer = optax.adam(args.learning_rate)
+    params = ppo.init_params(jax.random.PRNGKey(0), env.observation_size, env.action_size, args)
+    # Statistics of 7 fake observations far from the task's: the rollout shifts them a lot.
+    norm = common.normalizer_update(common.normalizer_init(env.observation_size),
+                                    3.0 + jax.random.normal(jax.random.PRNGKey(4), (7, env.observation_size)))
+    env_state = common.reset_envs(env, jax.random.PRNGKey(1), args.num_envs)
+    iteration = jax.jit(ppo.make_train_iteration(env, optimizer, args))
+    (_, _, new_norm, _), metrics = iteration((params, optimizer.init(params), norm, env_state), jax.random.PRNGKey(2))
+    assert float(new_norm.count) == 7 + ppo.steps_per_iteration(args)  # updated once, with the rollout
+    # One epoch of one minibatch: a single gradient step at the rollout parameters. With "after"
+    # the surrogate would be -mean(normalized advantage) = 0 and nothing clipped; here it is not.
+    assert math.isfinite(float(metrics["loss/policy"]))
+    assert abs(float(metrics["loss/policy"])) > 1e-3 or float(metrics["policy/clip_fraction"]) > 0

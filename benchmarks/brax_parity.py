@@ -1,0 +1,291 @@
+"""Parity of ppo.py with Brax's PPO trainer at identical hyperparameters, difference by difference.
+
+On CartpoleBalance (MJX, impl=jax), both trainers run with: 256 environments, batch_size 256,
+16 minibatches, unroll 30 (122,880 environment steps per iteration, 480 per environment), 16
+epochs, Adam lr 1e-3, clip 0.3, entropy 0.01, discount 0.995, GAE lambda 0.95, reward scaling 10,
+advantages normalized per minibatch, no gradient clipping, value loss 0.25 x MSE (Brax's is
+0.5 * vf_coefficient * MSE, so vf_coefficient=0.5), actor 4 x 32 / critic 5 x 256 SiLU, a
+tanh-squashed Gaussian with scale softplus(.) + 1e-3. Evaluation: 128 environments, one
+1000-step episode, deterministic policy, at every quarter of the budget (the table shows the
+half and the end: 1.23M and 2.46M steps at the default 2,457,600).
+
+Rows:
+  brax               Brax 0.14.2 `brax.training.agents.ppo.train` (see benchmarks/throughput.py
+                     for how it is called on a Playground task and why its first two epochs
+                     compile; its steps/s is Brax's own training/walltime over epochs 3 and 4)
+  ppo                ppo.py as parity: entropy "tanh" (Brax's estimate), normalizer "after"
+  entropy-gaussian   ppo.py with its old closed-form pre-squash Gaussian entropy
+  normalizer-before  ppo.py with Brax's order: the normalizer updated before the epochs
+Each ppo.py row is "ppo" with one difference from Brax removed or put back, so the table says
+which one matters. Differences no row removes: Brax excludes truncated steps from GAE and
+recomputes GAE per minibatch with the current critic (ppo.py bootstraps from the true last
+observation and computes GAE once per iteration), and shuffles whole unroll_length sequences
+(ppo.py shuffles single transitions).
+
+Each (row, seed) writes one JSON file under benchmarks/results/brax_parity/; `--report` builds
+the table from whatever files exist (for the same --total-steps), so rows and seeds can be run
+separately, in parallel or later:
+
+    python benchmarks/brax_parity.py --rows brax --seeds 1 2        # ~20 min per seed, one core
+    python benchmarks/brax_parity.py --rows ppo --seeds 1 2         # ~12 min per seed
+    python benchmarks/brax_parity.py --report
+    python benchmarks/brax_parity.py --total-steps 491520 --seeds 1  # a quick end-to-end check
+
+steps/s of ppo.py is timed on the ahead-of-time compiled iteration (evaluations excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import tyro
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import common  # noqa: E402
+import ppo  # noqa: E402
+
+ROWS = {
+    "brax": ("brax", None),
+    "ppo": ("ppo.py (as parity: tanh entropy, normalizer after)", {}),
+    "entropy-gaussian": ("ppo.py, entropy gaussian", {"entropy": "gaussian"}),
+    "normalizer-before": ("ppo.py, normalizer before", {"normalizer_update": "before"}),
+}
+NUM_EVAL_EPOCHS = 4  # evaluations at every quarter of the budget (Brax's num_evals = 5)
+
+
+@dataclasses.dataclass
+class Args:
+    rows: tuple[str, ...] = tuple(ROWS)
+    """rows to run: brax, ppo, entropy-gaussian, normalizer-before"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds to run for every row"""
+    total_steps: int = 2_457_600
+    """training budget in environment steps (a multiple of 4 iterations of 122,880)"""
+    env_name: str = "CartpoleBalance"
+    """DMC task from MuJoCo Playground (MJX, impl=jax)"""
+    report: bool = False
+    """only build the table from the JSON files already written (for this --total-steps)"""
+    overwrite: bool = False
+    """rerun a (row, seed) whose JSON file exists (default: skip it)"""
+    results_dir: str = "benchmarks/results/brax_parity"
+    """one JSON per (row, seed) here, relative to the repository root; the table goes beside it"""
+
+
+def ppo_args(args: Args, seed: int, **overrides) -> ppo.Args:
+    """ppo.py's Args with every hyperparameter given explicitly (nothing left to the task)."""
+    return ppo.Args(
+        env_name=args.env_name, seed=seed, impl="jax", total_timesteps=args.total_steps,
+        num_envs=256, unroll_length=30, batch_size=256, num_minibatches=16, num_epochs=16,
+        learning_rate=1e-3, max_grad_norm=0.0, discount=0.995, gae_lambda=0.95, clip_eps=0.3,
+        vf_coef=0.25, ent_coef=0.01, reward_scaling=10.0, actor_hidden=(32,) * 4,
+        critic_hidden=(256,) * 5, num_eval_envs=128, deterministic_eval=True,
+        entropy="tanh", normalizer_update="after",
+    ) if not overrides else dataclasses.replace(ppo_args(args, seed), **overrides)
+
+
+def per_iteration(args: Args) -> int:
+    return ppo.steps_per_iteration(ppo_args(args, 1))
+
+
+def validate(args: Args) -> None:
+    n = args.total_steps // per_iteration(args)
+    common.check_args([
+        *[(r in ROWS, f"unknown row {r!r}; rows are {', '.join(ROWS)}") for r in args.rows],
+        (n > 0 and n % NUM_EVAL_EPOCHS == 0 and args.total_steps == n * per_iteration(args),
+         f"--total-steps {args.total_steps:,} must be a multiple of {NUM_EVAL_EPOCHS} iterations "
+         f"of {per_iteration(args):,} steps"),
+    ])
+    ppo.validate(ppo_args(args, 1))
+
+
+def result_path(args: Args, row: str, seed: int) -> str:
+    return os.path.join(REPO, args.results_dir, f"{args.env_name}_{args.total_steps}_{row}_seed{seed}.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# ppo.py rows: the pieces its main() builds, driven by the host loop of common.run_iterations
+# ---------------------------------------------------------------------------------------------
+
+
+def run_ppo(args: Args, row: str, seed: int) -> dict:
+    pargs = ppo_args(args, seed, **ROWS[row][1])
+    ppo.validate(pargs)
+    n_iter = args.total_steps // per_iteration(args)
+    eval_every = n_iter // NUM_EVAL_EPOCHS
+    env = common.make_env(pargs.env_name, pargs.impl)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(pargs.max_grad_norm) if pargs.max_grad_norm else optax.identity(),
+        optax.adam(pargs.learning_rate),
+    )
+    key = jax.random.PRNGKey(seed)
+    key, k_init, k_env = jax.random.split(key, 3)
+    params = ppo.init_params(k_init, env.observation_size, env.action_size, pargs)
+    env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, pargs.num_envs)
+    state = (params, optimizer.init(params), common.normalizer_init(env.observation_size), env_state)
+    t0 = time.perf_counter()
+    train_iteration = jax.jit(ppo.make_train_iteration(env, optimizer, pargs), donate_argnums=0)
+    compiled = train_iteration.lower(state, key).compile()
+    compile_s = time.perf_counter() - t0
+    evaluator = common.make_evaluator(env, pargs.num_eval_envs)
+
+    @jax.jit
+    def evaluate(state, key):
+        params, _, norm, _ = state
+        return evaluator(lambda obs, k: ppo.act(params, norm, obs, k, pargs.deterministic_eval), key)
+
+    iteration_seconds, eval_returns, train_returns = [], [], []
+    for i in range(1, n_iter + 1):
+        key, k_iter, k_eval = jax.random.split(key, 3)
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, k_iter)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        iteration_seconds.append(time.perf_counter() - t0)
+        common.check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"iteration {i}")
+        train_returns.append(metrics["train/episode_return"])
+        if i % eval_every == 0:
+            ret = float(evaluate(state, k_eval))
+            eval_returns.append((i * per_iteration(args), ret))
+            print(f"  {row} seed {seed}: step {i * per_iteration(args):,}  eval return {ret:.1f}  "
+                  f"({per_iteration(args) / iteration_seconds[-1]:,.0f} steps/s)", flush=True)
+    train_s = sum(iteration_seconds)
+    return {
+        "steps_per_second": n_iter * per_iteration(args) / train_s,
+        "eval_returns": eval_returns,
+        "train_returns": train_returns,
+        "iteration_seconds": iteration_seconds,
+        "compile_seconds": compile_s,
+        "ppo_args": dataclasses.asdict(pargs),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Brax row
+# ---------------------------------------------------------------------------------------------
+
+
+def run_brax(args: Args, seed: int) -> dict:
+    from brax.training.agents.ppo import networks as ppo_networks
+    from brax.training.agents.ppo import train as ppo_train
+    from mujoco_playground import registry, wrapper
+
+    p = ppo_args(args, seed)
+    environment = registry.load(args.env_name, config_overrides={"impl": "jax"})
+    network_factory = functools.partial(
+        ppo_networks.make_ppo_networks,
+        policy_hidden_layer_sizes=p.actor_hidden,
+        value_hidden_layer_sizes=p.critic_hidden,
+        activation=jax.nn.silu,
+        distribution_type="tanh_normal",  # softplus(.) + 1e-3 scale from the network output
+    )
+    points: list[tuple[int, dict]] = []
+
+    def progress_fn(step, metrics):
+        points.append((int(step), {k: float(v) for k, v in metrics.items()}))
+        print(f"  brax seed {seed}: step {int(step):,}  eval return "
+              f"{float(metrics.get('eval/episode_reward', math.nan)):.1f}", flush=True)
+
+    t_start = time.perf_counter()
+    brax_kwargs = dict(
+        num_timesteps=args.total_steps, num_envs=p.num_envs, episode_length=common.EPISODE_LENGTH,
+        action_repeat=1, learning_rate=p.learning_rate, entropy_cost=p.ent_coef,
+        discounting=p.discount, unroll_length=p.unroll_length, batch_size=p.batch_size,
+        num_minibatches=p.num_minibatches, num_updates_per_batch=p.num_epochs,
+        normalize_observations=True, reward_scaling=p.reward_scaling, clipping_epsilon=p.clip_eps,
+        gae_lambda=p.gae_lambda, max_grad_norm=None, normalize_advantage=True,
+        vf_loss_coefficient=2 * p.vf_coef,  # Brax: 0.5 * vf_coefficient * MSE = 0.25 * MSE
+        seed=seed, num_evals=NUM_EVAL_EPOCHS + 1, num_eval_envs=p.num_eval_envs, deterministic_eval=True,
+    )
+    ppo_train.train(environment=environment, wrap_env_fn=wrapper.wrap_for_brax_training,
+                    network_factory=network_factory, progress_fn=progress_fn, **brax_kwargs)
+    total_s = time.perf_counter() - t_start
+    trained = [(s, m) for s, m in points if s > 0]
+    # Epochs 1 and 2 compile (see benchmarks/throughput.py); time the later ones.
+    (s_first, m_first), (s_last, m_last) = trained[1], trained[-1]
+    timed_s = m_last.get("training/walltime", math.nan) - m_first.get("training/walltime", math.nan)
+    return {
+        "steps_per_second": (s_last - s_first) / timed_s if timed_s > 0 else math.nan,
+        "eval_returns": [(s, m.get("eval/episode_reward", math.nan)) for s, m in trained],
+        "total_seconds": total_s,
+        "brax_kwargs": brax_kwargs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------------------------
+
+
+def report(args: Args) -> str:
+    half, full = args.total_steps // 2, args.total_steps
+    lines = [f"{args.env_name}, {args.total_steps:,} steps; eval return (128 envs, deterministic), mean +- std over seeds",
+             "",
+             f"| row | seeds | eval return at {half / 1e6:.2f}M | at {full / 1e6:.2f}M | steps/s |",
+             "|---|---|---|---|---|"]
+
+    def stat(xs, fmt):
+        if not xs:
+            return "-"
+        return f"{np.mean(xs):{fmt}} +- {np.std(xs):{fmt}}" if len(xs) > 1 else f"{xs[0]:{fmt}}"
+
+    for row, (label, _) in ROWS.items():
+        files = sorted(glob.glob(result_path(args, row, "*")))
+        if not files:
+            continue
+        results = [json.load(open(f)) for f in files]
+        seeds = sorted(r["seed"] for r in results)
+        at = lambda r, s: next((v for step, v in r["eval_returns"] if step == s), math.nan)  # noqa: E731
+        lines.append(f"| {label} | {','.join(map(str, seeds))} | {stat([at(r, half) for r in results], '.1f')} | "
+                     f"{stat([at(r, full) for r in results], '.1f')} | "
+                     f"{stat([r['steps_per_second'] for r in results], ',.0f')} |")
+    table = "\n".join(lines)
+    path = os.path.join(REPO, args.results_dir, f"table_{args.env_name}_{args.total_steps}.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"table written to {path}")
+    return table
+
+
+def main(args: Args) -> None:
+    validate(args)
+    if not args.report:
+        print(f"{args.env_name}: {args.total_steps // per_iteration(args)} iterations of "
+              f"{per_iteration(args):,} steps; rows {', '.join(args.rows)}; seeds {args.seeds}; "
+              f"jax {jax.__version__} on {jax.devices()[0].platform}", flush=True)
+        for seed in args.seeds:
+            for row in args.rows:
+                path = result_path(args, row, seed)
+                if os.path.exists(path) and not args.overwrite:
+                    print(f"{row} seed {seed}: {path} exists, skipped", flush=True)
+                    continue
+                print(f"{row} seed {seed} ...", flush=True)
+                t0 = time.perf_counter()
+                result = run_brax(args, seed) if row == "brax" else run_ppo(args, row, seed)
+                result.update(row=row, label=ROWS[row][0], seed=seed, env_name=args.env_name,
+                              total_steps=args.total_steps, wall_seconds=time.perf_counter() - t0,
+                              jax=jax.__version__, device=str(jax.devices()[0]),
+                              time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(result, f, indent=1)
+                os.replace(path + ".tmp", path)
+                print(f"{row} seed {seed}: done in {result['wall_seconds']:.0f}s, "
+                      f"{result['steps_per_second']:,.0f} steps/s -> {path}", flush=True)
+    report(args)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
