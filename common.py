@@ -301,6 +301,41 @@ def kl_to_standard_normal(mean: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
+# GoRL pieces shared by gorl_fm.py and gorl_diffusion.py: latent regularizer, decoder targets
+# ---------------------------------------------------------------------------------------------
+
+
+def latent_regularizer(mean, scale, kind: str):
+    """kl: KL(N(mean, scale^2) || N(0, I)) in closed form, averaged over states (Eq. 3).
+    l2: the released code's stand-in mean(mean^2) + mean(scale^2), minimized at scale 0."""
+    if kind == "l2":
+        return jnp.mean(mean**2) + jnp.mean(scale**2)
+    return kl_to_standard_normal(mean, scale).mean()
+
+
+def regression_targets(decoder_output, action_semantics: str, clip: float):
+    """What the decoder is fitted to: its own output in the rollout (the pre-squash action, or the
+    environment's action when bounded), clipped to [-clip, clip] (0: no clip) as released, so
+    that a few saturated pre-tanh actions do not dominate the squared error."""
+    target = jnp.clip(decoder_output, -1.0, 1.0) if action_semantics == "bounded" else decoder_output
+    return jnp.clip(target, -clip, clip) if clip > 0 else target
+
+
+def env_action(a, action_semantics: str):
+    """The pre-squash action the environment (which applies tanh) receives for decoder output a.
+
+    pre_squash: a itself. bounded: the decoder's output is the environment's action; clipped to
+    [-1, 1] and passed through arctanh so that the environment's tanh gives it back.
+    """
+    if action_semantics == "bounded":
+        return jnp.arctanh(jnp.clip(a, -BOUND, BOUND))
+    return a
+
+
+BOUND = 1.0 - 1e-6  # tanh(arctanh(BOUND)) == BOUND in float32
+
+
+# ---------------------------------------------------------------------------------------------
 # Rollouts and advantages
 # ---------------------------------------------------------------------------------------------
 

@@ -297,20 +297,6 @@ def mean_latent(params, obs, bounded: bool):
     return jnp.tanh(mean) if bounded else mean
 
 
-def env_action(a, action_semantics: str):
-    """The pre-squash action the environment (which applies tanh) receives for decoder output a.
-
-    pre_squash: a itself. bounded: the decoder's output is the environment's action; clipped to
-    [-1, 1] and passed through arctanh so that the environment's tanh gives it back.
-    """
-    if action_semantics == "bounded":
-        return jnp.arctanh(jnp.clip(a, -BOUND, BOUND))
-    return a
-
-
-BOUND = 1.0 - 1e-6  # tanh(arctanh(BOUND)) == BOUND in float32
-
-
 def critic(params, obs):
     return common.mlp_apply(params, obs)[..., 0]
 
@@ -471,20 +457,12 @@ def sample_actions(state, obs, key, num_samples: int, diffusion_steps: int = 10,
         z, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key, bounded_latent)
     decoder_obs = common.normalize(state["decoder_norm"], obs)
     sched = diffusion_schedule(diffusion_steps, decoder_output, noise_schedule)
-    return jnp.tanh(env_action(decode(state["decoder"], decoder_obs, z, sched, denoised_clip), action_semantics))
+    return jnp.tanh(common.env_action(decode(state["decoder"], decoder_obs, z, sched, denoised_clip), action_semantics))
 
 
 # ---------------------------------------------------------------------------------------------
 # Latent PPO loss (Eq. 5 + the KL regularizer of Eq. 3)
 # ---------------------------------------------------------------------------------------------
-
-
-def latent_regularizer(mean, scale, kind: str):
-    """kl: KL(N(mean, scale^2) || N(0, I)) in closed form, averaged over states (Eq. 3).
-    l2: the released code's stand-in mean(mean^2) + mean(scale^2), minimized at scale 0."""
-    if kind == "l2":
-        return jnp.mean(mean**2) + jnp.mean(scale**2)
-    return common.kl_to_standard_normal(mean, scale).mean()
 
 
 def latent_ppo_loss(params, batch, hp, args: Args):
@@ -495,7 +473,7 @@ def latent_ppo_loss(params, batch, hp, args: Args):
     policy_loss, clip_fraction = common.clipped_surrogate(
         log_prob - batch["log_prob"], batch["advantage"], hp["clip_eps"]
     )
-    regularizer = latent_regularizer(mean, scale, args.latent_regularizer)
+    regularizer = common.latent_regularizer(mean, scale, args.latent_regularizer)
     value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
     entropy = common.gaussian_entropy(scale).mean()
     loss = policy_loss + hp["kl_beta"] * regularizer + args.vf_coef * value_loss - args.ent_coef * entropy
@@ -553,7 +531,7 @@ def make_train_iteration(env, optimizer, args: Args):
             # The decoder runs inside the rollout scan: it is part of the latent MDP's dynamics.
             z, u, log_prob = sample_latent(params["encoder"], common.normalize(norm, obs), key, args.bounded_latent)
             a = decode(dec, common.normalize(dec_norm, obs), z, sched, args.denoised_clip)
-            return env_action(a, args.action_semantics), {"latent": u, "log_prob": log_prob}
+            return common.env_action(a, args.action_semantics), {"latent": u, "log_prob": log_prob}
 
         env_state, data = common.rollout(env, state["env_state"], policy, k_rollout, rollout_steps)
         advantages, targets = common.value_targets(
@@ -602,14 +580,6 @@ def refinement_inputs(batch, key, draws: int, num_steps: int, refine_latents: st
     return xi, jax.random.randint(k_t, (draws, *actions.shape[:-1]), 1, num_steps + 1)
 
 
-def regression_targets(decoder_output, action_semantics: str, clip: float):
-    """What the decoder is fitted to: its own output in the rollout (the pre-squash action, or the
-    environment's action when bounded), clipped to [-clip, clip] (0: no clip) as released, so
-    that a few saturated pre-tanh actions do not dominate the squared error."""
-    target = jnp.clip(decoder_output, -1.0, 1.0) if action_semantics == "bounded" else decoder_output
-    return jnp.clip(target, -clip, clip) if clip > 0 else target
-
-
 def make_refinement(env, args: Args):
     obs_size, action_size = env.observation_size, env.action_size
     decoder_optimizer = optax.adam(args.refine_learning_rate)
@@ -627,8 +597,8 @@ def make_refinement(env, args: Args):
             z, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key,
                                     args.bounded_latent)
             a = decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, sched, args.denoised_clip)
-            target = regression_targets(a, args.action_semantics, args.decoder_target_clip)
-            return env_action(a, args.action_semantics), {"latent": z, "target": target}
+            target = common.regression_targets(a, args.action_semantics, args.decoder_target_clip)
+            return common.env_action(a, args.action_semantics), {"latent": z, "target": target}
 
         _, data = common.rollout(env, env_state, policy, k_rollout, episodes_per_env * common.EPISODE_LENGTH)
         dataset = {"obs": data["obs"], "action": data["target"], "latent": data["latent"]}
@@ -731,7 +701,7 @@ def main(args: Args) -> None:
                 z, _, _ = sample_latent(state["params"]["encoder"], enc_obs, key, args.bounded_latent)
             z = jnp.where(prior_latents, jnp.zeros_like(z), z)
             a = decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, sched, args.denoised_clip)
-            return env_action(a, args.action_semantics)
+            return common.env_action(a, args.action_semantics)
 
         return evaluator(act, key)
 

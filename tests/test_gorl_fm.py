@@ -184,10 +184,10 @@ def test_fresh_decoder_is_the_identity_until_it_beats_it_on_validation():
 
 def test_regression_targets_are_clipped_as_released():
     a = jnp.array([[-5.0, -2.0, 0.5, 4.0]])
-    np.testing.assert_array_equal(np.asarray(gorl_fm.regression_targets(a, "pre_squash", 3.0)), [[-3.0, -2.0, 0.5, 3.0]])
-    np.testing.assert_array_equal(np.asarray(gorl_fm.regression_targets(a, "pre_squash", 0.0)), np.asarray(a))
+    np.testing.assert_array_equal(np.asarray(common.regression_targets(a, "pre_squash", 3.0)), [[-3.0, -2.0, 0.5, 3.0]])
+    np.testing.assert_array_equal(np.asarray(common.regression_targets(a, "pre_squash", 0.0)), np.asarray(a))
     # Bounded actions (humanoids): the target is the environment's action in [-1, 1].
-    np.testing.assert_array_equal(np.asarray(gorl_fm.regression_targets(a, "bounded", 1.0)), [[-1.0, -1.0, 0.5, 1.0]])
+    np.testing.assert_array_equal(np.asarray(common.regression_targets(a, "bounded", 1.0)), [[-1.0, -1.0, 0.5, 1.0]])
 
 
 def test_bounded_latent_and_bounded_actions():
@@ -203,9 +203,9 @@ def test_bounded_latent_and_bounded_actions():
     np.testing.assert_allclose(np.asarray(gorl_fm.mean_latent(params, obs, True)), np.tanh(2.0), rtol=1e-6)
     # The environment applies tanh: a bounded decoder output reaches it clipped to [-1, 1].
     a = jnp.array([-3.0, -0.7, 0.0, 0.4, 1.0, 2.0])
-    np.testing.assert_allclose(np.tanh(np.asarray(gorl_fm.env_action(a, "bounded"))),
+    np.testing.assert_allclose(np.tanh(np.asarray(common.env_action(a, "bounded"))),
                                np.clip(np.asarray(a), -1, 1), atol=2e-6)
-    np.testing.assert_array_equal(np.asarray(gorl_fm.env_action(a, "pre_squash")), np.asarray(a))
+    np.testing.assert_array_equal(np.asarray(common.env_action(a, "pre_squash")), np.asarray(a))
 
 
 # The released values (bennidict23/GoRL: configs/methods/gorl_fm.toml, dm_control profile), so
