@@ -182,6 +182,29 @@ def reset_envs(env, key: jax.Array, num_envs: int):
     return env.reset(jax.random.split(key, num_envs))
 
 
+# Where the auto-reset wrappers cache the state an environment restarts from after `done`:
+# Playground's BraxAutoResetWrapper (DMC tasks) and Brax's AutoResetWrapper (gorl_sac's Gym tasks).
+START_STATE_KEYS = ("AutoResetWrapper_first_data", "AutoResetWrapper_first_obs", "first_pipeline_state", "first_obs")
+
+
+def redraw_start_states(env, env_state, key: jax.Array):
+    """Give every environment a freshly drawn start state for its next episode.
+
+    The auto-reset wrappers restart a finished episode from the state cached at the last
+    `reset`, so without this a run with 64 environments sees 64 start states in its whole
+    life. Brax's PPO trainer re-resets all environments between training epochs
+    (`num_resets_per_eval`), which cuts the episodes in progress; redrawing only the cache
+    gives the same diversity and lets running episodes finish. Cost: one `reset` of the batch.
+    """
+    num_envs = env_state.reward.shape[0]
+    fresh = env.reset(jax.random.split(key, num_envs))
+    info = dict(env_state.info)
+    for name in START_STATE_KEYS:
+        if name in info:
+            info[name] = fresh.info[name]
+    return env_state.replace(info=info)
+
+
 # ---------------------------------------------------------------------------------------------
 # Observation normalization: running mean and variance, Chan et al.'s parallel update
 # ---------------------------------------------------------------------------------------------
@@ -340,14 +363,18 @@ BOUND = 1.0 - 1e-6  # tanh(arctanh(BOUND)) == BOUND in float32
 # ---------------------------------------------------------------------------------------------
 
 
-def rollout(env, env_state, policy: Callable, key: jax.Array, num_steps: int):
+def rollout(env, env_state, policy: Callable, key: jax.Array, num_steps: int, fresh_start_states: bool = False):
     """Run `policy(obs, key) -> (pre_squash_action, extras)` for `num_steps` steps in a scan.
 
     Returns the final environment state and a dict of [num_steps, num_envs, ...] arrays:
     obs, next_obs (the true next observation, also at a truncation), action, reward,
     termination, truncation, episode_done, episode_return (valid where episode_done), and
-    whatever the policy put in `extras`.
+    whatever the policy put in `extras`. With `fresh_start_states`, episodes that begin
+    during this rollout start from newly drawn states (`redraw_start_states`).
     """
+    if fresh_start_states:
+        key, k_starts = jax.random.split(key)
+        env_state = redraw_start_states(env, env_state, k_starts)
 
     def step(state, key):
         action, extras = policy(state.obs, key)
@@ -527,28 +554,30 @@ def fit_keep_best(loss_fn: Callable, val_fn: Callable, params: Any, optimizer, t
 
 
 def make_evaluator(env, num_envs: int = 128, episode_length: int = EPISODE_LENGTH):
-    """`evaluate(act, key)`: mean return of one full episode in each of `num_envs` environments.
+    """`evaluate(act, key)`: one full episode in each of `num_envs` environments.
 
-    `act(obs, key) -> pre_squash_action` (the caller closes over parameters) receives a fresh
-    key at every step: a deterministic policy ignores it, a stochastic evaluation (the release's
-    humanoid profile) samples with it. Rewards after an environment's first episode end are
-    not counted.
+    Returns {"eval/return": mean return, "eval/return_std": its standard deviation over the
+    episodes, "eval/episode_length": mean length}. `act(obs, key) -> pre_squash_action` (the
+    caller closes over parameters) receives a fresh key at every step: a deterministic policy
+    ignores it, a stochastic evaluation (the release's humanoid profile) samples with it.
+    Rewards after an environment's first episode end are not counted.
     """
 
-    def evaluate(act: Callable, key: jax.Array) -> jax.Array:
+    def evaluate(act: Callable, key: jax.Array) -> dict:
         state = reset_envs(env, key, num_envs)
         act_keys = jax.random.split(jax.random.fold_in(key, 1), episode_length)
 
         def step(carry, key):
-            state, total, alive = carry
+            state, total, length, alive = carry
             state = env.step(state, act(state.obs, key))
             total = total + alive * state.reward
+            length = length + alive
             alive = alive * (1.0 - state.done)
-            return (state, total, alive), None
+            return (state, total, length, alive), None
 
-        init = (state, jnp.zeros(num_envs), jnp.ones(num_envs))
-        (_, total, _), _ = jax.lax.scan(step, init, act_keys)
-        return total.mean()
+        init = (state, jnp.zeros(num_envs), jnp.zeros(num_envs), jnp.ones(num_envs))
+        (_, total, length, _), _ = jax.lax.scan(step, init, act_keys)
+        return {"eval/return": total.mean(), "eval/return_std": total.std(), "eval/episode_length": length.mean()}
 
     return evaluate
 
@@ -586,18 +615,26 @@ def args_from_run(args_cls, run_dir: str, **overrides):
 
 
 class Run:
-    """The run folder `runs/<env>__<algo>__<seed>__<time>/` and the console progress line."""
+    """The run folder `runs/<env>__<exp_name>__<seed>__<time>/` and the console progress line.
 
-    def __init__(self, args, algo: str, run_dir: str | None = None):
+    `algo` is the script (plot.py imports it to load a policy); the experiment name is
+    `args.exp_name`, else `default_exp_name` (an ablation's name), else `algo` (CleanRL's
+    convention). config.json records both; `plot.py curves` groups runs by the name.
+    """
+
+    def __init__(self, args, algo: str, run_dir: str | None = None, default_exp_name: str | None = None):
+        exp_name = getattr(args, "exp_name", None) or default_exp_name or algo
         if run_dir is None:
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", exp_name):
+                sys.exit(f"error: --exp-name {exp_name!r}: use letters, digits, '.', '_' and '-' only")
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = os.path.join(args.runs_dir, f"{args.env_name}__{algo}__{args.seed}__{stamp}")
+            run_dir = os.path.join(args.runs_dir, f"{args.env_name}__{exp_name}__{args.seed}__{stamp}")
         self.dir = run_dir
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         config_path = os.path.join(run_dir, "config.json")
         if not os.path.exists(config_path):
             with open(config_path, "w") as f:
-                json.dump({"algo": algo, **dataclasses.asdict(args)}, f, indent=2)
+                json.dump({"algo": algo, **dataclasses.asdict(args), "exp_name": exp_name}, f, indent=2)
         self.csv_path = os.path.join(run_dir, "metrics.csv")
         self.rows: list[dict] = []
         if os.path.exists(self.csv_path):
@@ -706,7 +743,8 @@ def run_iterations(
     `iterate(carry, key) -> (carry, metrics)` is one jitted iteration (rollout + update);
     metrics come back to the host once per iteration. Losses are checked for NaN. Whenever
     the global step crosses a multiple of `eval_every` (and at `end_step`), `evaluate(carry,
-    key)` runs and `on_eval(carry, step, key)` may save a checkpoint. Returns (carry, key, step,
+    key)` runs (a dict of "eval/..." metrics with "eval/return", as `make_evaluator` gives) and
+    `on_eval(carry, step, key)` may save a checkpoint. Returns (carry, key, step,
     last evaluation return).
     """
     where = f"stage {stage}, " if stage is not None else ""
@@ -729,8 +767,8 @@ def run_iterations(
         crossed = step // eval_every > (step - steps_per_iteration) // eval_every
         is_last = step + steps_per_iteration > end_step
         if crossed or is_last:
-            last_eval = float(evaluate(carry, k_eval))
-            metrics["eval/return"] = last_eval
+            metrics.update({k: float(v) for k, v in jax.device_get(evaluate(carry, k_eval)).items()})
+            last_eval = metrics["eval/return"]
             if on_eval is not None:
                 on_eval(carry, step, key)
         run.log(step, metrics)

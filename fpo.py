@@ -36,6 +36,9 @@ class Args:
     """environment steps to train for"""
     num_envs: int = 2048
     """parallel environments"""
+    fresh_start_states: bool = True
+    """redraw every environment's start state at each iteration (Brax's trainer re-resets; off: the
+    states drawn at the run's first reset are reused for every episode)"""
     unroll_length: int = 30
     """length of one collected sequence (Brax's unroll_length)"""
     batch_size: int = 1024
@@ -74,6 +77,8 @@ class Args:
     """environments in one evaluation (one full episode each, deterministic policy)"""
     runs_dir: str = "runs"
     """where run folders are created"""
+    exp_name: str | None = None
+    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: fpo)"""
     resume: str | None = None
     """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
 
@@ -223,7 +228,8 @@ def make_train_iteration(env, optimizer, args: Args):
         params, opt_state, norm, env_state = state
         k_rollout, k_sgd = jax.random.split(key)
         policy = make_policy(params["actor"], norm, args)
-        env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps)
+        env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps,
+                                         fresh_start_states=args.fresh_start_states)
         advantages, targets = common.value_targets(
             lambda obs: critic(params["critic"], common.normalize(norm, obs)),
             data, args.reward_scaling, args.discount, args.gae_lambda,

@@ -47,6 +47,9 @@ class Args:
     # --- latent PPO (the encoder), paper Appendix E, Table 4, as released (configs/methods/gorl_diffusion.toml)
     num_envs: int = 2048
     """parallel environments"""
+    fresh_start_states: bool = True
+    """redraw every environment's start state at each iteration (Brax's trainer re-resets; off: the
+    states drawn at the run's first reset are reused for every episode)"""
     unroll_length: int = 30
     """steps per collected sequence (Brax's term); GAE still runs over each environment's whole rollout"""
     batch_size: int = 1024
@@ -162,6 +165,8 @@ class Args:
     (sampled on humanoids, as released)"""
     runs_dir: str = "runs"
     """where run folders are created"""
+    exp_name: str | None = None
+    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: gorl_diffusion, with the ablation flags that differ from the method appended)"""
     resume: str | None = None
     """run folder to resume from its last completed stage (its config.json replaces the other flags)"""
 
@@ -533,7 +538,8 @@ def make_train_iteration(env, optimizer, args: Args):
             a = decode(dec, common.normalize(dec_norm, obs), z, sched, args.denoised_clip)
             return common.env_action(a, args.action_semantics), {"latent": u, "log_prob": log_prob}
 
-        env_state, data = common.rollout(env, state["env_state"], policy, k_rollout, rollout_steps)
+        env_state, data = common.rollout(env, state["env_state"], policy, k_rollout, rollout_steps,
+                                         fresh_start_states=args.fresh_start_states)
         advantages, targets = common.value_targets(
             lambda obs: critic(params["critic"], common.normalize(norm, obs)),
             data, args.reward_scaling, args.discount, args.gae_lambda,
@@ -662,7 +668,7 @@ def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, ru
     # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
     # state for the whole next stage, while the encoder's statistics move on.
     state = dict(state, decoder=decoder, decoder_norm=decoder_norm)
-    refined_return = float(evaluate(state, k_eval, True))
+    refined_return = float(evaluate(state, k_eval, True)["eval/return"])
     metrics.update({"refine/collect_return": float(collect_return), "refine/prior_latent_return": refined_return,
                     "refine/seconds": time.time() - t0})
     run.log(step, metrics)
@@ -671,6 +677,13 @@ def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, ru
           f"collection return {metrics['refine/collect_return']:.1f}, eval return with prior latents "
           f"{refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
     return state, refined_return
+
+
+def experiment_name(args: Args) -> str:
+    """The method's name with each ablation that is on, so `plot.py curves` keeps them apart."""
+    ablations = {"encoder_reset": args.encoder_reset, "encoder_latents": args.refine_latents == "encoder",
+                 "frozen_decoder": args.frozen_decoder is not None}
+    return "_".join(["gorl_diffusion"] + [name for name, on in ablations.items() if on])
 
 
 def main(args: Args) -> None:
@@ -682,7 +695,7 @@ def main(args: Args) -> None:
     env = common.make_env(args.env_name, args.impl)
     obs_size, action_size = env.observation_size, env.action_size
     optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=args.learning_rate[0])
-    run = common.Run(args, "gorl_diffusion", run_dir=args.resume)
+    run = common.Run(args, "gorl_diffusion", run_dir=args.resume, default_exp_name=experiment_name(args))
     per_iter = steps_per_iteration(args)
     total_steps = sum(iterations_in_stage(args, m) for m in range(len(args.stage_steps))) * per_iter
 

@@ -56,6 +56,9 @@ class Args:
     # --- latent SAC (the encoder), paper 002 Table 5
     num_envs: int = 16
     """parallel environments collecting transitions"""
+    fresh_start_states: bool = True
+    """redraw every environment's start state at each training call of chunk_length steps (off: the
+    states drawn at the run's first reset are reused for every episode)"""
     chunk_length: int = 50
     """environment steps (of all num_envs environments) per jitted training call"""
     utd_ratio: float = 20.0
@@ -107,6 +110,8 @@ class Args:
     """environments in one evaluation (one full episode each, deterministic policy)"""
     runs_dir: str = "runs"
     """where run folders are created"""
+    exp_name: str | None = None
+    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: gorl_sac, or sac_plain with --plain-sac)"""
     resume: str | None = None
     """run folder to resume from its last completed stage (its config.json replaces the other flags)"""
 
@@ -583,6 +588,9 @@ def make_train_chunk(env, optimizer, target_entropy: float, args: Args):
         return state, (metrics, info)
 
     def train_chunk(state, key):
+        if args.fresh_start_states:
+            key, k_starts = jax.random.split(key)
+            state = dict(state, env_state=common.redraw_start_states(env, state["env_state"], k_starts))
         state, (metrics, info) = jax.lax.scan(env_step, state, jax.random.split(key, args.chunk_length))
         n_learned = info["learned"].sum()
         # Averages over the environment steps that made gradient steps (zeros during warm-up).
@@ -672,7 +680,8 @@ def main(args: Args) -> None:
     obs_size, action_size = env.observation_size, env.action_size
     target_entropy = -float(action_size) if args.target_entropy is None else args.target_entropy
     optimizer = optax.adam(args.learning_rate)
-    run = common.Run(args, "sac_plain" if args.plain_sac else "gorl_sac", run_dir=args.resume)
+    run = common.Run(args, "gorl_sac", run_dir=args.resume,
+                     default_exp_name="sac_plain" if args.plain_sac else None)
     budgets, per_chunk = stage_budgets(args), steps_per_chunk(args)
     total_steps = sum(chunks_in_stage(args, m) for m in range(len(budgets))) * per_chunk
 
@@ -731,7 +740,7 @@ def main(args: Args) -> None:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
                 state = dict(state, decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state["norm"]))
-                refined_return = float(evaluate(state, k_eval, True))
+                refined_return = float(evaluate(state, k_eval, True)["eval/return"])
                 metrics.update({"refine/collect_return": float(collect_return),
                                 "refine/prior_latent_return": refined_return,
                                 "refine/transitions": refine_dataset_size(args),

@@ -3,7 +3,7 @@
     python plot.py curves runs/CartpoleBalance__ppo__1__* runs/CartpoleBalance__gorl_fm__* --out curves.png
     python plot.py density runs/HopperStand__gorl_fm__1__... --stages 0 1 2 3 --out density.png
 
-curves:  runs are grouped by (env_name, algo) from their config.json; each seed's `eval/return`
+curves:  runs are grouped by (env_name, exp_name) from their config.json; each seed's `eval/return`
          (or --metric) is interpolated onto a common step grid and drawn as the mean over seeds
          with a band of one standard deviation (paper E.5), one panel per task. The steps where a
          GoRL run's `stage` column changes (the ends of stages 0..M-1, where the decoder is
@@ -97,7 +97,8 @@ def mean_std_on_grid(curves: list[tuple[np.ndarray, np.ndarray]], num_points: in
 def group_runs(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     groups = defaultdict(list)
     for run in runs:
-        groups[(run["config"].get("env_name", "?"), run["config"].get("algo", "?"))].append(run)
+        name = run["config"].get("exp_name") or run["config"].get("algo", "?")
+        groups[(run["config"].get("env_name", "?"), name)].append(run)
     return dict(groups)
 
 
@@ -227,6 +228,9 @@ def plot_density(sample_sets: dict[str, np.ndarray], out: str, bw_factor: float 
 # ---------------------------------------------------------------------------------------------
 
 
+DENSITY_ALGOS = ("ppo", "gorl_fm", "gorl_diffusion")
+
+
 def load_policy(run_dir: str, stage: int | None):
     """(config, sample(obs, key, n, from_prior) -> [n, act] environment actions) of a saved policy.
 
@@ -239,9 +243,17 @@ def load_policy(run_dir: str, stage: int | None):
 
     import common
 
-    with open(os.path.join(run_dir, "config.json")) as f:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
+    with open(path) as f:
         config = json.load(f)
-    algo = config["algo"]
+    algo = config.get("algo")
+    if algo not in DENSITY_ALGOS or config.get("plain_sac"):
+        name = config.get("exp_name") or algo
+        raise SystemExit(f"error: {run_dir} is a {name} run; density draws the policies of "
+                         f"{', '.join(a + '.py' for a in DENSITY_ALGOS)} runs (a Gaussian policy or a "
+                         "GoRL decoder whose sampler plot.py knows)")
     if algo == "ppo":
         import ppo
 
@@ -254,8 +266,6 @@ def load_policy(run_dir: str, stage: int | None):
 
         return config, sample
     module = importlib.import_module(algo)
-    if not hasattr(module, "sample_actions"):
-        raise SystemExit(f"error: {algo}.py has no sample_actions(); density supports gorl_* and ppo runs")
     if stage is None:
         raise SystemExit("error: --stages is required for a staged (GoRL) run")
     path = os.path.join(run_dir, "checkpoints", f"stage{stage}.pkl")
@@ -312,7 +322,7 @@ def density_from_run(run_dir: str, stages: list[int] | None, out: str, num_sampl
     obs = jnp.asarray(pick_state(config, last, rollout_steps, state_seed))
     sets = {}
     for stage, _, sample in policies:
-        label = config["algo"] if stage is None else f"stage {stage}"
+        label = (config.get("exp_name") or config["algo"]) if stage is None else f"stage {stage}"
         sets[label] = np.asarray(sample(obs, jax.random.PRNGKey(sample_seed), num_samples, from_prior))
     where = f"state after {rollout_steps} steps" if rollout_steps else "first state of a reset"
     title = f"{config['env_name']}, {config['algo']}\n{num_samples:,} actions at one state ({where})"

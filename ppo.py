@@ -36,6 +36,9 @@ class Args:
     """environment steps to train for"""
     num_envs: int = 2048
     """parallel environments"""
+    fresh_start_states: bool = True
+    """redraw every environment's start state at each iteration (Brax's trainer re-resets; off: the
+    states drawn at the run's first reset are reused for every episode)"""
     unroll_length: int = 30
     """length of one collected sequence (Brax's unroll_length)"""
     batch_size: int = 1024
@@ -76,6 +79,8 @@ class Args:
     """evaluate the mean action, else sample it (None: the task's value, True; False on humanoids)"""
     runs_dir: str = "runs"
     """where run folders are created"""
+    exp_name: str | None = None
+    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: ppo)"""
     resume: str | None = None
     """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
 
@@ -209,7 +214,8 @@ def make_train_iteration(env, optimizer, args: Args):
             action = mean + scale * jax.random.normal(key, mean.shape)
             return action, {"log_prob": common.gaussian_log_prob(action, mean, scale)}
 
-        env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps)
+        env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps,
+                                         fresh_start_states=args.fresh_start_states)
         if args.normalizer_update == "before":
             # Brax's order: the epochs see observations normalized with statistics that include
             # this rollout, so the first minibatch's ratio is not exactly 1.

@@ -16,6 +16,9 @@ Rows:
   ppo                ppo.py as parity: entropy "tanh" (Brax's estimate), normalizer "after"
   entropy-gaussian   ppo.py with its old closed-form pre-squash Gaussian entropy
   normalizer-before  ppo.py with Brax's order: the normalizer updated before the epochs
+  fresh-start-states ppo.py with every environment's start state redrawn at each iteration
+                     (ppo.py's default; the other rows reuse the start states of the first
+                     reset, as Brax does with its default num_resets_per_eval=0, used here)
 Each ppo.py row is "ppo" with one difference from Brax removed or put back, so the table says
 which one matters. Differences no row removes: Brax excludes truncated steps from GAE and
 recomputes GAE per minibatch with the current critic (ppo.py bootstraps from the true last
@@ -61,6 +64,7 @@ ROWS = {
     "ppo": ("ppo.py (as parity: tanh entropy, normalizer after)", {}),
     "entropy-gaussian": ("ppo.py, entropy gaussian", {"entropy": "gaussian"}),
     "normalizer-before": ("ppo.py, normalizer before", {"normalizer_update": "before"}),
+    "fresh-start-states": ("ppo.py, fresh start states", {"fresh_start_states": True}),
 }
 NUM_EVAL_EPOCHS = 4  # evaluations at every quarter of the budget (Brax's num_evals = 5)
 
@@ -68,7 +72,7 @@ NUM_EVAL_EPOCHS = 4  # evaluations at every quarter of the budget (Brax's num_ev
 @dataclasses.dataclass
 class Args:
     rows: tuple[str, ...] = tuple(ROWS)
-    """rows to run: brax, ppo, entropy-gaussian, normalizer-before"""
+    """rows to run: brax, ppo, entropy-gaussian, normalizer-before, fresh-start-states"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds to run for every row"""
     total_steps: int = 2_457_600
@@ -91,7 +95,7 @@ def ppo_args(args: Args, seed: int, **overrides) -> ppo.Args:
         learning_rate=1e-3, max_grad_norm=0.0, discount=0.995, gae_lambda=0.95, clip_eps=0.3,
         vf_coef=0.25, ent_coef=0.01, reward_scaling=10.0, actor_hidden=(32,) * 4,
         critic_hidden=(256,) * 5, num_eval_envs=128, deterministic_eval=True,
-        entropy="tanh", normalizer_update="after",
+        entropy="tanh", normalizer_update="after", fresh_start_states=False,
     ) if not overrides else dataclasses.replace(ppo_args(args, seed), **overrides)
 
 
@@ -155,7 +159,7 @@ def run_ppo(args: Args, row: str, seed: int) -> dict:
         common.check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"iteration {i}")
         train_returns.append(metrics["train/episode_return"])
         if i % eval_every == 0:
-            ret = float(evaluate(state, k_eval))
+            ret = float(evaluate(state, k_eval)["eval/return"])
             eval_returns.append((i * per_iteration(args), ret))
             print(f"  {row} seed {seed}: step {i * per_iteration(args):,}  eval return {ret:.1f}  "
                   f"({per_iteration(args) / iteration_seconds[-1]:,.0f} steps/s)", flush=True)

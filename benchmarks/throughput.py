@@ -261,7 +261,7 @@ def bench_ppo(args: Args) -> dict:
             train_return = metrics["train/episode_return"]
     key, k_eval = jax.random.split(key)
     t0 = time.perf_counter()
-    eval_return = float(evaluate(state, k_eval))
+    eval_return = float(evaluate(state, k_eval)["eval/return"])
     eval_s = time.perf_counter() - t0
 
     train_s = sum(iteration_seconds)

@@ -134,6 +134,7 @@ def test_staged_runs_encoder_latents_no_reset_and_frozen_decoder(tmp_path, monke
     # The encoder was initialized once (stage 0) and kept training through stage 1: its stage-1
     # weights are stage 0's plus a few updates, not a fresh random initialization.
     assert inits_a == 1
+    assert os.path.basename(run_a).startswith("CartpoleBalance__gorl_fm_no_encoder_reset_encoder_latents__1__")
     w0, w1 = np.asarray(a0["params"]["encoder"][0]["w"]), np.asarray(a1["params"]["encoder"][0]["w"])
     small_args = gorl_fm.resolve(gorl_fm.Args(**SMALL))
     fresh = np.asarray(gorl_fm.init_encoder(jax.random.PRNGKey(0), OBS, ACT, small_args)[0]["w"])
@@ -152,7 +153,8 @@ def test_staged_runs_encoder_latents_no_reset_and_frozen_decoder(tmp_path, monke
 
     # Run B: a fresh encoder against run A's stage-1 decoder, frozen (defaults otherwise).
     source = os.path.join(run_a, "checkpoints", "stage1.pkl")
-    _, (b0, b1), inits_b, rows_b = staged_run(tmp_path, monkeypatch, "b", seed=2, frozen_decoder=source)
+    run_b, (b0, b1), inits_b, rows_b = staged_run(tmp_path, monkeypatch, "b", seed=2, frozen_decoder=source)
+    assert os.path.basename(run_b).startswith("CartpoleBalance__gorl_fm_frozen_decoder__2__")
     assert inits_b == 2  # the default: the encoder is re-initialized to the prior at every stage
     for b in (b0, b1):
         np.testing.assert_array_equal(flat(b["decoder"]), flat(a1["decoder"]))

@@ -369,6 +369,42 @@ def test_truncation_and_true_next_observation(cartpole):
     np.testing.assert_allclose(data["next_obs"][n : 2 * n], bare_obs[:n], atol=1e-5)
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_start_states_redraw_each_episodes_start_without_cutting_episodes(cartpole, fresh):
+    """Rollouts of 3 steps over 5-step episodes: 3 episodes begin at global steps 0, 5 and 10."""
+    env, _ = cartpole
+    per_rollout, rollouts = 3, 5
+
+    @jax.jit
+    def run(key):
+        state = common.reset_envs(env, key, NUM_ENVS)
+
+        def policy(obs, key):
+            return jnp.zeros((obs.shape[0], env.action_size)), {}
+
+        def iteration(state, key):
+            return common.rollout(env, state, policy, key, per_rollout, fresh_start_states=fresh)
+
+        _, data = jax.lax.scan(iteration, state, jax.random.split(jax.random.PRNGKey(7), rollouts))
+        return jax.tree.map(lambda x: x.reshape((rollouts * per_rollout,) + x.shape[2:]), data)
+
+    data = jax.device_get(run(KEY))
+    starts = data["obs"][[0, EPISODE_LENGTH, 2 * EPISODE_LENGTH]]  # [3 episodes, envs, obs]
+    if fresh:  # every episode, in every environment, from a start state of its own
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            assert np.all(np.abs(starts[i] - starts[j]).max(-1) > 1e-4)
+    else:  # today's auto-reset: the first reset's state again and again
+        np.testing.assert_array_equal(starts[1], starts[0])
+        np.testing.assert_array_equal(starts[2], starts[0])
+    # Episodes in progress are not cut: they end only at the time limit, and between rollouts
+    # the next observation is the one the environment continues from.
+    ends = np.zeros(rollouts * per_rollout, bool)
+    ends[EPISODE_LENGTH - 1 :: EPISODE_LENGTH] = True
+    np.testing.assert_array_equal(data["episode_done"], np.broadcast_to(ends[:, None], data["episode_done"].shape))
+    for t in np.flatnonzero(~ends[:-1]):
+        np.testing.assert_array_equal(data["next_obs"][t], data["obs"][t + 1])
+
+
 def test_actions_are_squashed_by_tanh(cartpole):
     _, probe = cartpole
     n = EPISODE_LENGTH
@@ -401,12 +437,15 @@ def test_evaluator_returns_the_mean_of_each_envs_first_episode(cartpole):
     # Longer than an episode: rewards after each environment's first episode must not count.
     evaluate = jax.jit(common.make_evaluator(env, NUM_ENVS, episode_length=EPISODE_LENGTH + 3), static_argnums=0)
     act = lambda obs, key: jnp.full((obs.shape[0], env.action_size), 0.7)  # noqa: E731
-    got = float(evaluate(act, KEY))
+    result = jax.device_get(evaluate(act, KEY))
+    got = float(result["eval/return"])
     _, data, _, _ = jax.device_get(probe(KEY, 0.7, 0.0))
     returns = np.zeros(NUM_ENVS)
     for t in range(EPISODE_LENGTH):  # manual sum over the first episode (same reset key, same action)
         returns += data["reward"][t]
     assert got == pytest.approx(returns.mean(), rel=1e-5)
+    assert float(result["eval/return_std"]) == pytest.approx(returns.std(), rel=1e-4, abs=1e-6)
+    assert float(result["eval/episode_length"]) == EPISODE_LENGTH  # the time limit, not the scan's length
     assert got != pytest.approx(data["reward"][: EPISODE_LENGTH + 3].sum(0).mean(), rel=1e-5)
 
 
@@ -421,6 +460,7 @@ class FakeArgs:
     seed: int = 7
     runs_dir: str = "runs"
     hidden: tuple[int, ...] = (4, 4)
+    exp_name: str | None = None
 
 
 def read_csv(path):
@@ -435,7 +475,8 @@ def test_run_folder_config_csv_tensorboard(tmp_path):
     assert os.path.basename(run.dir).startswith("CartpoleBalance__algo__7__")
     with open(os.path.join(run.dir, "config.json")) as f:
         config = json.load(f)
-    assert config == {"algo": "algo", "env_name": "CartpoleBalance", "seed": 7, "runs_dir": str(tmp_path), "hidden": [4, 4]}
+    assert config == {"algo": "algo", "env_name": "CartpoleBalance", "seed": 7, "runs_dir": str(tmp_path),
+                      "hidden": [4, 4], "exp_name": "algo"}
 
     run.log(10, {"loss/a": 1.5})
     run.log(20, {"loss/a": 2.5, "eval/return": 7.0})  # a new column rewrites the header
@@ -476,11 +517,25 @@ def test_run_folder_config_csv_tensorboard(tmp_path):
     again.close()
 
 
+def test_experiment_name_names_the_run_folder(tmp_path):
+    """--exp-name wins over a script's ablation name, which wins over the algorithm's name."""
+    ablation = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo", default_exp_name="algo_frozen_decoder")
+    named = common.Run(FakeArgs(runs_dir=str(tmp_path), exp_name="sweep-lr3"), "algo", default_exp_name="algo_x")
+    for run, name in ((ablation, "algo_frozen_decoder"), (named, "sweep-lr3")):
+        run.close()
+        assert os.path.basename(run.dir).startswith(f"CartpoleBalance__{name}__7__")
+        with open(os.path.join(run.dir, "config.json")) as f:
+            config = json.load(f)
+        assert (config["algo"], config["exp_name"]) == ("algo", name)
+    with pytest.raises(SystemExit, match="exp-name"):
+        common.Run(FakeArgs(runs_dir=str(tmp_path), exp_name="a/b"), "algo")
+
+
 def test_args_from_run(tmp_path):
     run = common.Run(FakeArgs(runs_dir=str(tmp_path), seed=3), "algo")
     run.close()
     args = common.args_from_run(FakeArgs, run.dir, env_name="Other")
-    assert args == FakeArgs(env_name="Other", seed=3, runs_dir=str(tmp_path), hidden=(4, 4))
+    assert args == FakeArgs(env_name="Other", seed=3, runs_dir=str(tmp_path), hidden=(4, 4), exp_name="algo")
     with pytest.raises(SystemExit, match="not a run folder"):
         common.args_from_run(FakeArgs, str(tmp_path / "missing"))
 
@@ -520,7 +575,7 @@ class FakeTraining:
 
     def evaluate(self, carry, key):
         self.evals.append(carry)
-        return jnp.float32(10.0 * carry)
+        return {"eval/return": jnp.float32(10.0 * carry), "eval/episode_length": jnp.float32(carry)}
 
     def on_eval(self, carry, step, key):
         self.saved.append((carry, step))
@@ -540,6 +595,7 @@ def test_run_iterations_schedule_logging_and_progress(tmp_path, capsys):
     rows = read_csv(run.csv_path)[1]
     assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
     assert [r["eval/return"] for r in rows] == ["", "", "30.0", "", "50.0", "60.0"]
+    assert [r["eval/episode_length"] for r in rows] == ["", "", "3.0", "", "5.0", "6.0"]
     assert [float(r["loss/total"]) for r in rows] == pytest.approx([1 / i for i in range(1, 7)])
     assert all(r["stage"] == "1.0" for r in rows) and all(float(r["perf/steps_per_second"]) > 0 for r in rows)
     out = capsys.readouterr().out

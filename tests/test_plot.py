@@ -23,12 +23,14 @@ class FakeArgs:
     env_name: str = "CartpoleBalance"
     seed: int = 1
     runs_dir: str = "runs"
+    plain_sac: bool = False
 
 
-def fake_run(root, algo, seed, staged, offset=0.0):
+def fake_run(root, algo, seed, staged, offset=0.0, exp_name=None, plain_sac=False):
     """A run folder written by common.Run, with the rows the scripts log."""
-    run = common.Run(FakeArgs(seed=seed, runs_dir=str(root)), algo,
-                     run_dir=os.path.join(root, f"CartpoleBalance__{algo}__{seed}"))
+    run = common.Run(FakeArgs(seed=seed, runs_dir=str(root), plain_sac=plain_sac), algo,
+                     run_dir=os.path.join(root, f"CartpoleBalance__{exp_name or algo}__{seed}"),
+                     default_exp_name=exp_name)
     for i in range(1, 9):
         step = i * 1000
         metrics = {"loss/total": 1.0 / i, "train/episode_return": 10.0 * i, "perf/steps_per_second": 500.0}
@@ -74,6 +76,24 @@ def test_grouping_mean_std_and_stage_boundaries(run_dirs):
     # The stage column changes after step 4000 (refinement rows have no stage).
     assert plot.stage_boundaries(groups[("CartpoleBalance", "gorl_fm")][0]["rows"]) == [4000.0]
     assert plot.stage_boundaries(groups[("CartpoleBalance", "ppo")][0]["rows"]) == []
+
+
+def test_ablations_are_grouped_apart_from_their_method(run_dirs, tmp_path):
+    ablation = fake_run(tmp_path, "gorl_fm", 1, True, exp_name="gorl_fm_frozen_decoder")
+    groups = plot.group_runs([plot.load_run(d) for d in [*run_dirs, ablation]])
+    assert sorted(name for _, name in groups) == ["gorl_fm", "gorl_fm_frozen_decoder", "ppo"]
+    assert len(groups[("CartpoleBalance", "gorl_fm")]) == 2
+
+
+@pytest.mark.parametrize("algo, plain_sac, exp_name", [("gorl_sac", True, "sac_plain"), ("fpo", False, None)])
+def test_density_of_a_run_it_cannot_draw_says_why(tmp_path, capsys, algo, plain_sac, exp_name):
+    run_dir = fake_run(tmp_path, algo, 1, False, exp_name=exp_name, plain_sac=plain_sac)
+    with pytest.raises(SystemExit) as exc:
+        plot.main(["density", run_dir, "--out", str(tmp_path / "d.png")])
+    message = str(exc.value)
+    assert f"is a {exp_name or algo} run" in message and "ppo.py, gorl_fm.py, gorl_diffusion.py" in message
+    with pytest.raises(SystemExit, match="not a run folder"):
+        plot.load_policy(str(tmp_path / "nowhere"), None)
 
 
 def test_mean_std_interpolates_onto_a_common_grid():

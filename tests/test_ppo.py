@@ -333,9 +333,10 @@ def test_run_folder_contents(first_run):
     rows = read_csv(os.path.join(run_dir, "metrics.csv"))
     assert [int(r["step"]) for r in rows] == [ITERATION, 2 * ITERATION]
     for row in rows:
-        for column in ("eval/return", "loss/total", "loss/policy", "loss/value", "policy/entropy"):
+        for column in ("eval/return", "eval/return_std", "loss/total", "loss/policy", "loss/value", "policy/entropy"):
             assert math.isfinite(float(row[column])), (column, row)
         assert 0 < float(row["eval/return"]) <= 1000  # CartpoleBalance: reward in [0, 1] per step
+        assert float(row["eval/episode_length"]) == 1000  # no terminations in DMC: the time limit
         assert 0 <= float(row["policy/clip_fraction"]) <= 1
     assert glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))
 
