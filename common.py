@@ -452,15 +452,22 @@ def value_targets(
 
 
 def clipped_surrogate(log_ratio: jax.Array, advantages: jax.Array, clip_eps: float):
-    """PPO's clipped objective as a loss, advantages normalized over the minibatch.
+    """PPO's clipped objective as a loss (Schulman et al., 2017, Eq. 7), advantages as given.
 
-    Returns the loss and the fraction of samples whose ratio was clipped.
+    Returns the loss, the fraction of samples whose ratio was clipped, and the approximate KL
+    divergence of the old policy from the new one, mean((r - 1) - log r) (Schulman's k3
+    estimator: non-negative, exactly 0 at r = 1).
     """
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     ratio = jnp.exp(log_ratio)
     surrogate = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
     clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > clip_eps)
-    return -surrogate.mean(), clip_fraction
+    approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
+    return -surrogate.mean(), clip_fraction, approx_kl
+
+
+def explained_variance(values: jax.Array, targets: jax.Array) -> jax.Array:
+    """1 - Var[targets - values] / Var[targets]: 1 for a perfect critic, 0 for a constant one."""
+    return 1.0 - jnp.var(targets - values) / (jnp.var(targets) + 1e-8)
 
 
 def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_epochs: int, num_minibatches: int):

@@ -8,12 +8,19 @@ estimated with 8 (t, eps) pairs drawn at rollout time. The rest is the PPO pipel
 (GoRL paper Appendix E, Tables 3-4): same rollout, GAE, critic and minibatch epochs; clip 0.05,
 learning rate 3e-4, no entropy term (a flow policy has no cheap entropy).
 
+Episode ends: `common.rollout` marks the 1000-step time limit as a truncation, not a
+termination, and keeps the true last observation in `next_obs`; `common.gae` bootstraps a
+truncated episode from V(next_obs), cuts the bootstrap only at a termination, and stops the
+lambda-recursion at either, since the next row starts a new episode.
+
     python fpo.py --env-name HopperStand --seed 1
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 
 import jax
@@ -37,12 +44,11 @@ class Args:
     num_envs: int = 2048
     """parallel environments"""
     fresh_start_states: bool = True
-    """redraw every environment's start state at each iteration (Brax's trainer re-resets; off: the
-    states drawn at the run's first reset are reused for every episode)"""
+    """redraw every environment's start state at each iteration (off: reuse those of the first reset)"""
     unroll_length: int = 30
-    """length of one collected sequence (Brax's unroll_length)"""
+    """steps per collected sequence (Brax's term); GAE still runs over each environment's whole rollout"""
     batch_size: int = 1024
-    """sequences per minibatch"""
+    """sequences (of unroll_length steps) per minibatch"""
     num_minibatches: int = 32
     """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
     num_epochs: int = 16
@@ -181,7 +187,9 @@ def fpo_log_ratio(params, batch, max_log_ratio: float):
 def fpo_loss(params, batch, args: Args):
     """PPO's clipped surrogate with the FPO ratio + value regression; no entropy term."""
     log_ratio, cfm_new = fpo_log_ratio(params["actor"], batch, args.max_log_ratio)
-    policy_loss, clip_fraction = common.clipped_surrogate(log_ratio, batch["advantage"], args.clip_eps)
+    # Advantages normalized per minibatch (Brax's normalize_advantage).
+    advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
+    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(log_ratio, advantages, args.clip_eps)
     value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
     loss = policy_loss + args.vf_coef * value_loss
     return loss, {
@@ -191,6 +199,7 @@ def fpo_loss(params, batch, args: Args):
         "policy/cfm_loss": cfm_new.mean(),
         "policy/log_ratio": log_ratio.mean(),
         "policy/clip_fraction": clip_fraction,
+        "policy/approx_kl": approx_kl,
     }
 
 
@@ -250,6 +259,8 @@ def make_train_iteration(env, optimizer, args: Args):
         # Updated after the epochs, so the old CFM losses stay those of the exact rollout inputs.
         norm = common.normalizer_update(norm, data["obs"])
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
+        # How much of the return targets the critic explained before this iteration's epochs.
+        metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
         return (params, opt_state, norm, env_state), metrics
 
     return train_iteration
@@ -279,6 +290,8 @@ def main(args: Args) -> None:
         "key": key,
     }
     if args.resume:
+        if not os.path.exists(run.checkpoint_path("latest.pkl")):
+            sys.exit(f"error: {args.resume} has no checkpoint yet (one is written at every evaluation)")
         checkpoint = common.load_checkpoint(run.checkpoint_path("latest.pkl"))
         print(f"resuming from step {int(checkpoint['step']):,}")
         run.forget_after(int(checkpoint["step"]))

@@ -10,6 +10,11 @@ and the environment receives tanh(a). Training alternates in stages (Algorithm 1
     between:  freeze the encoder, collect fresh rollouts (s, a), and fit the decoder by
               conditional flow matching from latents drawn fresh from the fixed prior (Eq. 4, 6)
 
+Episode ends: `common.rollout` marks the 1000-step time limit as a truncation, not a
+termination, and keeps the true last observation in `next_obs`; `common.gae` bootstraps a
+truncated episode from V(next_obs), cuts the bootstrap only at a termination, and stops the
+lambda-recursion at either, since the next row starts a new episode.
+
     python gorl_fm.py --env-name HopperStand --seed 1
 """
 
@@ -42,8 +47,7 @@ class Args:
     num_envs: int = 2048
     """parallel environments"""
     fresh_start_states: bool = True
-    """redraw every environment's start state at each iteration (Brax's trainer re-resets; off: the
-    states drawn at the run's first reset are reused for every episode)"""
+    """redraw every environment's start state at each iteration (off: reuse those of the first reset)"""
     unroll_length: int = 30
     """steps per collected sequence (Brax's term); GAE still runs over each environment's whole rollout"""
     batch_size: int = 1024
@@ -338,8 +342,10 @@ def latent_ppo_loss(params, batch, hp, args: Args):
     plus beta * KL(pi_theta(.|s) || N(0, I)) averaged over states (Eq. 3)."""
     mean, scale = encoder(params["encoder"], batch["obs"])
     log_prob = common.gaussian_log_prob(batch["latent"], mean, scale)
-    policy_loss, clip_fraction = common.clipped_surrogate(
-        log_prob - batch["log_prob"], batch["advantage"], hp["clip_eps"]
+    # Advantages normalized per minibatch (Brax's normalize_advantage).
+    advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
+    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(
+        log_prob - batch["log_prob"], advantages, hp["clip_eps"]
     )
     regularizer = common.latent_regularizer(mean, scale, args.latent_regularizer)
     value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
@@ -352,6 +358,7 @@ def latent_ppo_loss(params, batch, hp, args: Args):
         "loss/kl_prior": regularizer,
         "encoder/entropy": entropy,
         "encoder/clip_fraction": clip_fraction,
+        "encoder/approx_kl": approx_kl,
     }
 
 
@@ -411,6 +418,8 @@ def make_train_iteration(env, optimizer, args: Args):
             update, (params, state["opt_state"], state["hp"]), batch, k_sgd, args.num_epochs, args.num_minibatches
         )
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
+        # How much of the return targets the critic explained before this iteration's epochs.
+        metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
         metrics["train/action_abs_mean"] = jnp.abs(jnp.tanh(data["action"])).mean()
         state = dict(state, params=params, opt_state=opt_state, env_state=env_state,
                      norm=common.normalizer_update(norm, data["obs"]))
@@ -529,21 +538,11 @@ def experiment_name(args: Args) -> str:
     return "_".join(["gorl_fm"] + [name for name, on in ablations.items() if on])
 
 
-def main(args: Args) -> None:
-    if args.resume:
-        args = common.args_from_run(Args, args.resume, resume=args.resume)
-    args = resolve(args)
-    validate(args)
-
-    env = common.make_env(args.env_name, args.impl)
-    obs_size, action_size = env.observation_size, env.action_size
-    optimizer = optax.adam(args.learning_rate)
-    run = common.Run(args, "gorl_fm", run_dir=args.resume, default_exp_name=experiment_name(args))
-    per_iter = steps_per_iteration(args)
-    total_steps = sum(iterations_in_stage(args, m) for m in range(len(args.stage_steps))) * per_iter
-
-    train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
-    collect, fit = make_refinement(env, args)
+def make_evaluate(env, args: Args):
+    """`evaluate(state, key, prior_latents=False)`: the encoder's mean latent (sampled latents
+    without --deterministic-eval), then g(s, z); with `prior_latents`, the prior's mean z = 0:
+    the refined decoder on its own. One compiled function for both (the flag is an array, not a
+    static argument)."""
     evaluator = common.make_evaluator(env, args.num_eval_envs)
 
     @jax.jit
@@ -560,14 +559,12 @@ def main(args: Args) -> None:
 
         return evaluator(act, key)
 
-    def evaluate(state, key, prior_latents=False):
-        """The encoder's mean latent (sampled latents without --deterministic-eval), then g(s, z);
-        with `prior_latents`, the prior's mean z = 0: the refined decoder on its own. One compiled
-        function for both (the flag is an array, not a static argument)."""
-        return evaluate_jit(state, key, jnp.asarray(prior_latents))
+    return lambda state, key, prior_latents=False: evaluate_jit(state, key, jnp.asarray(prior_latents))
 
-    key = jax.random.PRNGKey(args.seed)
-    key, k_critic, k_decoder, k_env = jax.random.split(key, 4)
+
+def init_state(obs_size: int, action_size: int, args: Args, k_critic, k_decoder):
+    """Algorithm 1, line 2: the identity decoder (or the one --frozen-decoder names) and a
+    critic; each stage creates its encoder (`start_stage`)."""
     state = {
         "params": {"encoder": None, "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1])},
         "norm": common.normalizer_init(obs_size),
@@ -578,43 +575,74 @@ def main(args: Args) -> None:
         source = common.load_checkpoint(args.frozen_decoder)
         state.update(decoder=source["decoder"], decoder_norm=source["decoder_norm"])
         print(f"decoder frozen from {args.frozen_decoder}; no refinement in this run")
+    return state
+
+
+def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, stage: int, key):
+    """Algorithm 1, lines 6-7: the decoder frozen, the encoder re-initialized to the prior
+    N(0, I) (kept training with --no-encoder-reset); a fresh optimizer state and the stage's
+    clip, gradient-norm and KL settings. The critic and normalizer carry over."""
+    params = state["params"]
+    if args.encoder_reset or params["encoder"] is None:
+        params = dict(params, encoder=init_encoder(key, obs_size, action_size, args))
+    return dict(state, params=params, opt_state=optimizer.init(params), hp=stage_hyperparameters(args, stage))
+
+
+STAGE_KEYS = ("params", "norm", "decoder", "decoder_norm")
+
+
+def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
+    """Stage m's encoder, critic, normalizer and the decoder it ran with. Resuming after it
+    repeats only the refinement, from the same key, so the result is the same."""
+    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
+                           {**{k: state[k] for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
+
+
+def main(args: Args) -> None:
+    if args.resume:
+        args = common.args_from_run(Args, args.resume, resume=args.resume)
+    args = resolve(args)
+    validate(args)
+
+    env = common.make_env(args.env_name, args.impl)
+    obs_size, action_size = env.observation_size, env.action_size
+    run = common.Run(args, "gorl_fm", run_dir=args.resume, default_exp_name=experiment_name(args))
+    optimizer = optax.adam(args.learning_rate)
+    train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    collect, fit = make_refinement(env, args)
+    evaluate = make_evaluate(env, args)
+    per_iter = steps_per_iteration(args)
+    total_steps = sum(iterations_in_stage(args, m) for m in range(len(args.stage_steps))) * per_iter
+
+    key, k_critic, k_decoder, k_env = jax.random.split(jax.random.PRNGKey(args.seed), 4)
+    state = init_state(obs_size, action_size, args, k_critic, k_decoder)
     step, first_stage, stage_rows = 0, 0, []
-    done = run.completed_stages() if args.resume else []
-    if done:
-        saved = common.load_checkpoint(run.checkpoint_path(f"stage{done[-1]}.pkl"))
-        state = {k: saved[k] for k in ("params", "norm", "decoder", "decoder_norm")}
-        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], done[-1] + 1
+    completed = run.completed_stages() if args.resume else []
+    if completed:
+        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.pkl"))
+        state = {k: saved[k] for k in STAGE_KEYS}
+        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
         run.forget_after(step, refinement_at_step=True)
-        print(f"resuming after stage {done[-1]} at step {step:,}")
+        print(f"resuming after stage {completed[-1]} at step {step:,}")
     state["env_state"] = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
 
     start = time.time()
     try:
-        for stage in range(first_stage, len(args.stage_steps)):
-            if stage > 0 and args.frozen_decoder is None:
+        for stage in range(first_stage, len(args.stage_steps)):  # Algorithm 1, line 4
+            if stage > 0 and args.frozen_decoder is None:  # phase 2 of the previous stage, lines 14-18
                 key, k_refine = jax.random.split(key)
                 state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
                     state, collect, fit, evaluate, k_refine, stage, step, run)
-            # ---- stage m: encoder re-initialized to the prior, latent PPO with the decoder frozen
             key, k_encoder = jax.random.split(key)
-            params = state["params"]
-            if args.encoder_reset or params["encoder"] is None:
-                params = dict(params, encoder=init_encoder(k_encoder, obs_size, action_size, args))
-            state = dict(state, params=params, opt_state=optimizer.init(params),
-                         hp=stage_hyperparameters(args, stage))
+            state = start_stage(state, optimizer, obs_size, action_size, args, stage, k_encoder)
             end_step = step + iterations_in_stage(args, stage) * per_iter
             print(f"stage {stage}: latent PPO from step {step:,} to {end_step:,}")
-            state, key, step, stage_return = common.run_iterations(
+            state, key, step, stage_return = common.run_iterations(  # lines 9-13: latent PPO
                 run, train_iteration, state, key, step=step, end_step=end_step, steps_per_iteration=per_iter,
                 total_steps=total_steps, eval_every=args.eval_every, evaluate=evaluate, stage=stage,
             )
             stage_rows.append({"stage": stage, "step": step, "return": stage_return})
-            # Stage m's encoder, critic, normalizer and the decoder it ran with. Resuming after it
-            # repeats only the refinement, from the same key, so the result is the same.
-            common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"), {
-                **{k: state[k] for k in ("params", "norm", "decoder", "decoder_norm")},
-                "step": step, "key": key, "stage_rows": stage_rows,
-            })
+            save_stage(run, state, stage, step, key, stage_rows)
     except KeyboardInterrupt:
         print(f"interrupted; resume from the last completed stage with: python gorl_fm.py --resume {run.dir}")
         raise

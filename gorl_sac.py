@@ -57,8 +57,7 @@ class Args:
     num_envs: int = 16
     """parallel environments collecting transitions"""
     fresh_start_states: bool = True
-    """redraw every environment's start state at each training call of chunk_length steps (off: the
-    states drawn at the run's first reset are reused for every episode)"""
+    """redraw every environment's start state at each training chunk (off: reuse those of the first reset)"""
     chunk_length: int = 50
     """environment steps (of all num_envs environments) per jitted training call"""
     utd_ratio: float = 20.0
@@ -671,22 +670,10 @@ def make_refinement(env, args: Args):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> None:
-    if args.resume:
-        args = common.args_from_run(Args, args.resume, resume=args.resume)
-    validate(args)
-
-    env = make_env(args.env_name, args.impl)
-    obs_size, action_size = env.observation_size, env.action_size
-    target_entropy = -float(action_size) if args.target_entropy is None else args.target_entropy
-    optimizer = optax.adam(args.learning_rate)
-    run = common.Run(args, "gorl_sac", run_dir=args.resume,
-                     default_exp_name="sac_plain" if args.plain_sac else None)
-    budgets, per_chunk = stage_budgets(args), steps_per_chunk(args)
-    total_steps = sum(chunks_in_stage(args, m) for m in range(len(budgets))) * per_chunk
-
-    train_chunk = jax.jit(make_train_chunk(env, optimizer, target_entropy, args), donate_argnums=0)
-    collect, fit = make_refinement(env, args)
+def make_evaluate(env, args: Args):
+    """`evaluate(state, key, prior_latents=False)`: deterministic policy, the encoder's mean
+    latent (or the prior's mean, 0), then g(s, z). One compiled function for both uses (the flag
+    is an array, not a static argument)."""
     evaluator = common.make_evaluator(env, args.num_eval_envs)
     act = make_act(args)
 
@@ -698,95 +685,122 @@ def main(args: Args) -> None:
 
         return evaluator(policy, key)
 
-    def evaluate(state, key, prior_latents=False):
-        """Deterministic policy: the encoder's mean latent (or the prior's mean, 0), then g(s, z).
-        One compiled function for both uses (the flag is an array, not a static argument)."""
-        return evaluate_jit(state, key, jnp.asarray(prior_latents))
+    return lambda state, key, prior_latents=False: evaluate_jit(state, key, jnp.asarray(prior_latents))
 
-    key = jax.random.PRNGKey(args.seed)
-    key, k_decoder, k_env = jax.random.split(key, 3)
-    state = {
-        "params": None,
-        "norm": common.normalizer_init(obs_size),
-        "decoder": init_decoder(k_decoder, obs_size, action_size, args),  # stage 0: the identity
-        "decoder_norm": common.normalizer_init(obs_size),
-    }
-    step, first_stage, stage_rows = 0, 0, []
-    done = run.completed_stages() if args.resume else []
-    if done:
-        saved = common.load_checkpoint(run.checkpoint_path(f"stage{done[-1]}.pkl"))
-        state = {k: saved[k] for k in ("params", "norm", "decoder", "decoder_norm")}
-        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], done[-1] + 1
-        run.forget_after(step, refinement_at_step=True)
-        print(f"resuming after stage {done[-1]} at step {step:,}")
-    state["env_state"] = jax.jit(env.reset)(jax.random.split(k_env, args.num_envs))
+
+def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, run, args: Args):
+    """Between stage m-1 and stage m (Algorithm 1, lines 14-18): freeze the encoder, collect
+    fresh rollouts with it and the current decoder, fit the decoder to map the prior onto those
+    actions (Eq. 4), and check it: the return of the refined decoder under the prior's mean."""
+    k_collect, k_fit, k_eval = jax.random.split(key, 3)
+    t0 = time.time()
+    dataset, collect_return = collect(state, k_collect)
+    # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
+    # state for the whole next stage, while the encoder's statistics move on.
+    decoder, metrics = fit(state["decoder"], state["norm"], dataset, k_fit)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
+    state = dict(state, decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state["norm"]))
+    refined_return = float(evaluate(state, k_eval, True)["eval/return"])
+    metrics.update({"refine/collect_return": float(collect_return), "refine/prior_latent_return": refined_return,
+                    "refine/transitions": refine_dataset_size(args), "refine/seconds": time.time() - t0})
+    run.log(step, metrics)
+    print(f"refined decoder before stage {stage}: denoising loss {metrics['refine/loss_final']:.4f}, "
+          f"eval return with prior latents {refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
+    return state, refined_return
+
+
+def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, key):
+    """Algorithm 1, lines 6-7: a fresh SAC learner in the new latent MDP, the decoder frozen.
+
+    The refined decoder changed what every latent means: a stored (s, z, r, s') was produced by
+    the *old* decoder's action g_old(s, z), so under g_new the same z leads to another action
+    and the transition is not a sample of the new latent MDP. Q(s, z) learned on those
+    transitions is likewise a value of the old latent MDP. Relabeling would need
+    g_new^{-1}(s, a) for every stored action (an approximate DDIM inversion), so we take the
+    simple correct option: empty the replay buffer and re-initialize the critics, their targets
+    and the optimizer states together with the encoder (to the prior). Nothing is lost that the
+    next steps do not recover: with z ~ N(0, I) the refined decoder reproduces the previous
+    stage's action distribution, so the learning_starts warm-up transitions, collected with the
+    prior encoder, come from the previous policy, on-policy for the fresh learner, and the new
+    critics start there.
+
+    The entropy temperature alpha is kept: it is the multiplier of the entropy constraint on a
+    Gaussian over the same latent space with the same prior, which refinement does not change.
+    Reset to init_alpha, it made the fresh encoder first widen past the prior (scale up to 2),
+    into latents the decoder never saw, losing the previous policy the prior reproduces
+    (CartpoleBalance, alpha 0.02 -> 0.1: the eval return fell from 383 with prior latents to 240
+    over stage 1). Stage 0 runs the same way with the identity decoder and alpha = init_alpha.
+    """
+    params, opt_state = init_sac(key, obs_size, action_size, args, optimizer)
+    if state["params"] is not None:
+        params["log_alpha"] = state["params"]["log_alpha"]
     example = {"obs": jnp.zeros((1, obs_size)), "latent": jnp.zeros((1, action_size)),
                "reward": jnp.zeros((1,)), "next_obs": jnp.zeros((1, obs_size)), "termination": jnp.zeros((1,))}
+    return dict(state, params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
+
+
+STAGE_KEYS = ("params", "norm", "decoder", "decoder_norm")
+
+
+def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
+    """Stage m's encoder and critics, the normalizer and the decoder they ran with. The buffer
+    is not saved: the next stage starts with an empty one. Resuming after stage m repeats only
+    the refinement, from the same key."""
+    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
+                           {**{k: state[k] for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
+
+
+def main(args: Args) -> None:
+    if args.resume:
+        args = common.args_from_run(Args, args.resume, resume=args.resume)
+    validate(args)
+
+    env = make_env(args.env_name, args.impl)
+    obs_size, action_size = env.observation_size, env.action_size
+    target_entropy = -float(action_size) if args.target_entropy is None else args.target_entropy
+    optimizer = optax.adam(args.learning_rate)
+    run = common.Run(args, "gorl_sac", run_dir=args.resume,
+                     default_exp_name="sac_plain" if args.plain_sac else None)
+    train_chunk = jax.jit(make_train_chunk(env, optimizer, target_entropy, args), donate_argnums=0)
+    collect, fit = make_refinement(env, args)
+    evaluate = make_evaluate(env, args)
+    budgets, per_chunk = stage_budgets(args), steps_per_chunk(args)
+    total_steps = sum(chunks_in_stage(args, m) for m in range(len(budgets))) * per_chunk
+
+    key, k_decoder, k_env = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    state = {"params": None, "norm": common.normalizer_init(obs_size), "decoder_norm": common.normalizer_init(obs_size),
+             "decoder": init_decoder(k_decoder, obs_size, action_size, args)}  # stage 0: the identity
+    step, first_stage, stage_rows = 0, 0, []
+    completed = run.completed_stages() if args.resume else []
+    if completed:
+        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.pkl"))
+        state = {k: saved[k] for k in STAGE_KEYS}
+        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
+        run.forget_after(step, refinement_at_step=True)
+        print(f"resuming after stage {completed[-1]} at step {step:,}")
+    state["env_state"] = jax.jit(env.reset)(jax.random.split(k_env, args.num_envs))
 
     print(f"{args.env_name}: {'plain Gaussian SAC' if args.plain_sac else 'GoRL-SAC'}, stages "
           f"{[f'{chunks_in_stage(args, m) * per_chunk:,}' for m in range(len(budgets))]} steps, "
           f"{updates_per_env_step(args)} gradient steps per step of {args.num_envs} environments")
     start = time.time()
     try:
-        for stage in range(first_stage, len(budgets)):
-            if stage > 0:
-                # ---- decoder refinement between stage m-1 and stage m (encoder frozen)
-                key, k_collect, k_fit, k_eval = jax.random.split(key, 4)
-                t0 = time.time()
-                dataset, collect_return = collect(state, k_collect)
-                # The decoder keeps the normalizer it was fitted with: it is a fixed function of
-                # the raw state for the whole next stage, while the encoder's statistics move on.
-                decoder, metrics = fit(state["decoder"], state["norm"], dataset, k_fit)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
-                state = dict(state, decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state["norm"]))
-                refined_return = float(evaluate(state, k_eval, True)["eval/return"])
-                metrics.update({"refine/collect_return": float(collect_return),
-                                "refine/prior_latent_return": refined_return,
-                                "refine/transitions": refine_dataset_size(args),
-                                "refine/seconds": time.time() - t0})
-                run.log(step, metrics)
-                stage_rows[-1]["refined_prior_return"] = refined_return
-                print(f"refined decoder before stage {stage}: denoising loss {metrics['refine/loss_final']:.4f}, "
-                      f"eval return with prior latents {refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
-            # ---- stage m: a fresh SAC learner in the new latent MDP, the decoder frozen.
-            # The refined decoder changed what every latent means: a stored (s, z, r, s') was
-            # produced by the *old* decoder's action g_old(s, z), so under g_new the same z leads
-            # to another action and the transition is not a sample of the new latent MDP. Q(s, z)
-            # learned on those transitions is likewise a value of the old latent MDP. Relabeling
-            # would need g_new^{-1}(s, a) for every stored action (an approximate DDIM inversion),
-            # so we take the simple correct option: empty the replay buffer and re-initialize the
-            # critics, their targets and the optimizer states together with the encoder (to the
-            # prior). Nothing is lost that the next steps do not recover: with z ~ N(0, I) the
-            # refined decoder reproduces the previous stage's action distribution, so the
-            # learning_starts warm-up transitions, collected with the prior encoder, come from the
-            # previous policy, on-policy for the fresh learner, and the new critics start there.
-            # The entropy temperature alpha is kept: it is the multiplier of the entropy
-            # constraint on a Gaussian over the same latent space with the same prior, which
-            # refinement does not change. Reset to init_alpha, it made the fresh encoder first
-            # widen past the prior (scale up to 2), into latents the decoder never saw, losing the
-            # previous policy the prior reproduces (CartpoleBalance, alpha 0.02 -> 0.1: the eval
-            # return fell from 383 with prior latents to 240 over stage 1).
-            # Stage 0 runs the same way with the identity decoder and alpha = init_alpha.
+        for stage in range(first_stage, len(budgets)):  # Algorithm 1, line 4
+            if stage > 0:  # phase 2 of the previous stage
+                key, k_refine = jax.random.split(key)
+                state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
+                    state, collect, fit, evaluate, k_refine, stage, step, run, args)
             key, k_sac = jax.random.split(key)
-            params, opt_state = init_sac(k_sac, obs_size, action_size, args, optimizer)
-            if state["params"] is not None:
-                params["log_alpha"] = state["params"]["log_alpha"]
-            state = dict(state, params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
+            state = start_stage(state, optimizer, obs_size, action_size, args, k_sac)
             end_step = step + chunks_in_stage(args, stage) * per_chunk
             print(f"stage {stage}: latent SAC from step {step:,} to {end_step:,}")
-            state, key, step, stage_return = common.run_iterations(
+            state, key, step, stage_return = common.run_iterations(  # lines 9-13: latent SAC
                 run, train_chunk, state, key, step=step, end_step=end_step, steps_per_iteration=per_chunk,
                 total_steps=total_steps, eval_every=args.eval_every, evaluate=evaluate, stage=stage,
             )
             stage_rows.append({"stage": stage, "step": step, "return": stage_return})
-            # Stage m's encoder and critics, the normalizer and the decoder they ran with. The
-            # buffer is not saved: the next stage starts with an empty one. Resuming after
-            # stage m repeats only the refinement, from the same key.
-            common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"), {
-                **{k: state[k] for k in ("params", "norm", "decoder", "decoder_norm")},
-                "step": step, "key": key, "stage_rows": stage_rows,
-            })
+            save_stage(run, state, stage, step, key, stage_rows)
     except KeyboardInterrupt:
         print(f"interrupted; resume from the last completed stage with: python gorl_sac.py --resume {run.dir}")
         raise

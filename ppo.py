@@ -6,6 +6,11 @@ computes GAE over each environment's whole 480-step trajectory, then makes `num_
 over it in `num_minibatches` shuffled minibatches. The rollout and the update are one jitted
 function; the policy outputs an unbounded action `a` and the environment receives `tanh(a)`.
 
+Episode ends: `common.rollout` marks the 1000-step time limit as a truncation, not a
+termination, and keeps the true last observation in `next_obs`; `common.gae` bootstraps a
+truncated episode from V(next_obs), cuts the bootstrap only at a termination, and stops the
+lambda-recursion at either, since the next row starts a new episode.
+
     python ppo.py --env-name HopperStand --seed 1
 """
 
@@ -37,12 +42,11 @@ class Args:
     num_envs: int = 2048
     """parallel environments"""
     fresh_start_states: bool = True
-    """redraw every environment's start state at each iteration (Brax's trainer re-resets; off: the
-    states drawn at the run's first reset are reused for every episode)"""
+    """redraw every environment's start state at each iteration (off: reuse those of the first reset)"""
     unroll_length: int = 30
-    """length of one collected sequence (Brax's unroll_length)"""
+    """steps per collected sequence (Brax's term); GAE still runs over each environment's whole rollout"""
     batch_size: int = 1024
-    """sequences per minibatch"""
+    """sequences (of unroll_length steps) per minibatch"""
     num_minibatches: int = 32
     """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
     num_epochs: int = 16
@@ -175,8 +179,10 @@ def ppo_loss(params, batch, key, args: Args):
     """
     mean, scale = actor(params["actor"], batch["obs"])
     log_prob = common.gaussian_log_prob(batch["action"], mean, scale)
-    policy_loss, clip_fraction = common.clipped_surrogate(
-        log_prob - batch["log_prob"], batch["advantage"], args.clip_eps
+    # Advantages normalized per minibatch (Brax's normalize_advantage).
+    advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
+    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(
+        log_prob - batch["log_prob"], advantages, args.clip_eps
     )
     value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
     entropy = entropy_estimate(mean, scale, key, args.entropy).mean()
@@ -187,6 +193,7 @@ def ppo_loss(params, batch, key, args: Args):
         "loss/value": value_loss,
         "policy/entropy": entropy,
         "policy/clip_fraction": clip_fraction,
+        "policy/approx_kl": approx_kl,
     }
 
 
@@ -239,6 +246,8 @@ def make_train_iteration(env, optimizer, args: Args):
             # Updated after the epochs, so the ratio above compares against the exact rollout policy.
             norm = common.normalizer_update(norm, data["obs"])
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
+        # How much of the return targets the critic explained before this iteration's epochs.
+        metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
         return (params, opt_state, norm, env_state), metrics
 
     return train_iteration

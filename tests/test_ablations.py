@@ -126,6 +126,7 @@ def staged_run(tmp_path, monkeypatch, name, **flags):
     return run_dir, stages, len(calls), rows
 
 
+@pytest.mark.slow
 def test_staged_runs_encoder_latents_no_reset_and_frozen_decoder(tmp_path, monkeypatch):
     # Run A: --refine-latents encoder --no-encoder-reset.
     # (No target clip: clipped targets would differ from their latents where |z| > 3.)

@@ -238,34 +238,43 @@ def test_minibatch_sgd_visits_every_sample_once_per_epoch():
     assert float(metrics["x"]) == pytest.approx(float(data["x"].mean()), rel=1e-6)
 
 
-def surrogate_reference(log_ratio, advantages, clip_eps):
-    a = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+def surrogate_reference(log_ratio, a, clip_eps):
     r = np.exp(log_ratio)
-    return -np.minimum(r * a, np.clip(r, 1 - clip_eps, 1 + clip_eps) * a).mean(), np.mean(np.abs(r - 1) > clip_eps)
+    return (-np.minimum(r * a, np.clip(r, 1 - clip_eps, 1 + clip_eps) * a).mean(), np.mean(np.abs(r - 1) > clip_eps),
+            np.mean(r - 1 - log_ratio))
 
 
 def test_clipped_surrogate_at_ratio_one():
     adv = np.random.default_rng(8).normal(size=64).astype(np.float32) * 3 + 1
-    loss, clip_fraction = common.clipped_surrogate(np.zeros(64, np.float32), adv, 0.2)
-    normalized = (adv - adv.mean()) / adv.std()
-    assert float(loss) == pytest.approx(-normalized.mean(), abs=1e-6)
-    assert float(clip_fraction) == 0.0
+    loss, clip_fraction, approx_kl = common.clipped_surrogate(np.zeros(64, np.float32), adv, 0.2)
+    assert float(loss) == pytest.approx(-adv.mean(), rel=1e-6)  # the advantages as given
+    assert float(clip_fraction) == 0.0 and float(approx_kl) == 0.0
 
 
 def test_clipped_surrogate_hand_made_case():
-    # Normalized advantages are exactly [1, -1, 1, -1]; clip at 0.2.
-    adv = np.array([3.0, 1.0, 3.0, 1.0], np.float32)
+    adv = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
     ratio = np.array([1.5, 1.5, 0.5, 1.1], np.float32)
-    loss, clip_fraction = common.clipped_surrogate(np.log(ratio), adv, 0.2)
+    loss, clip_fraction, approx_kl = common.clipped_surrogate(np.log(ratio), adv, 0.2)
     # min(r A, clip(r) A): 1.2, -1.5, 0.5, -1.1
     assert float(loss) == pytest.approx(-(1.2 - 1.5 + 0.5 - 1.1) / 4, rel=1e-5)
     assert float(clip_fraction) == pytest.approx(0.75)
+    assert float(approx_kl) == pytest.approx(np.mean(ratio - 1 - np.log(ratio)), rel=1e-5)
     rng = np.random.default_rng(9)
     log_ratio, adv = rng.normal(size=100).astype(np.float32) * 0.3, rng.normal(size=100).astype(np.float32)
-    want_loss, want_fraction = surrogate_reference(log_ratio, adv, 0.2)
-    loss, clip_fraction = common.clipped_surrogate(log_ratio, adv, 0.2)
-    assert float(loss) == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
-    assert float(clip_fraction) == pytest.approx(want_fraction)
+    want = surrogate_reference(log_ratio, adv, 0.2)
+    got = common.clipped_surrogate(log_ratio, adv, 0.2)
+    assert [float(x) for x in got] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert float(got[2]) > 0  # the k3 estimate of KL is positive away from r = 1
+
+
+def test_explained_variance():
+    rng = np.random.default_rng(10)
+    targets = rng.normal(size=200).astype(np.float32) * 2 + 3
+    noise = rng.normal(size=200).astype(np.float32)
+    assert float(common.explained_variance(targets, targets)) == pytest.approx(1.0)
+    assert float(common.explained_variance(np.full(200, 3.0, np.float32), targets)) == pytest.approx(0.0, abs=1e-6)
+    want = 1 - np.var(targets - (targets + noise)) / np.var(targets)
+    assert float(common.explained_variance(targets + noise, targets)) == pytest.approx(want, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +331,7 @@ def test_unknown_task_is_a_clear_error():
     common.check_args([(True, "fine")])
 
 
+@pytest.mark.slow
 def test_rollout_fields_and_shapes(cartpole):
     env, probe = cartpole
     reset_obs, data, _, _ = probe(KEY, 0.3, 0.0)
@@ -344,6 +354,7 @@ def test_rollout_fields_and_shapes(cartpole):
     np.testing.assert_array_equal(data["action"], np.float32(0.3))  # stored pre-squash
 
 
+@pytest.mark.slow
 def test_truncation_and_true_next_observation(cartpole):
     _, probe = cartpole
     reset_obs, data, bare_obs, bare_reward = map(jax.device_get, probe(KEY, 0.5, np.tanh(0.5)))
@@ -369,6 +380,7 @@ def test_truncation_and_true_next_observation(cartpole):
     np.testing.assert_allclose(data["next_obs"][n : 2 * n], bare_obs[:n], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fresh", [False, True])
 def test_fresh_start_states_redraw_each_episodes_start_without_cutting_episodes(cartpole, fresh):
     """Rollouts of 3 steps over 5-step episodes: 3 episodes begin at global steps 0, 5 and 10."""
@@ -405,6 +417,7 @@ def test_fresh_start_states_redraw_each_episodes_start_without_cutting_episodes(
         np.testing.assert_array_equal(data["next_obs"][t], data["obs"][t + 1])
 
 
+@pytest.mark.slow
 def test_actions_are_squashed_by_tanh(cartpole):
     _, probe = cartpole
     n = EPISODE_LENGTH
@@ -417,6 +430,7 @@ def test_actions_are_squashed_by_tanh(cartpole):
     assert np.abs(np.asarray(half["next_obs"][:n]) - np.asarray(bare_half[:n])).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_completed_episode_return(cartpole):
     _, probe = cartpole
     _, data, _, _ = map(jax.device_get, probe(KEY, -0.2, 0.0))
@@ -432,6 +446,7 @@ def test_completed_episode_return(cartpole):
     assert int(count) == 0 and math.isnan(float(mean_return))
 
 
+@pytest.mark.slow
 def test_evaluator_returns_the_mean_of_each_envs_first_episode(cartpole):
     env, probe = cartpole
     # Longer than an episode: rewards after each environment's first episode must not count.

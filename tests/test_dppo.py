@@ -108,11 +108,11 @@ def test_loss_shapes_and_gradients():
     assert loss.shape == ()
     assert all(v.shape == () for v in metrics.values())
     assert abs(float(metrics["policy/log_ratio"])) < 1e-3
-    assert jax.tree.structure(grads) == jax.tree.structure(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert any(np.any(g != 0) for g in jax.tree.leaves(grads["actor"]))
 
 
+@pytest.mark.slow
 def test_smoke_run(tmp_path):
     args = dppo.Args(
         env_name="CartpoleBalance", num_envs=16, batch_size=16, num_minibatches=2, unroll_length=10,

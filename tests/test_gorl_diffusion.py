@@ -298,6 +298,7 @@ def test_bad_flags_are_clear_errors_before_compilation():
             gd.validate(gd.resolve(gd.Args(**bad)))
 
 
+@pytest.mark.slow
 def test_smoke_run_two_stages_and_resume(tmp_path):
     args = gd.Args(
         env_name="CartpoleBalance", num_envs=16, batch_size=16, num_minibatches=2, unroll_length=10,

@@ -280,6 +280,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
     # A run that stops after its first stage (as if killed while stage 1 was running) ...
     gorl_fm.main(gorl_fm.Args(**TINY, stage_steps=(640,), runs_dir=str(tmp_path)))

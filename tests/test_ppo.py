@@ -14,7 +14,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import common
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Loss
 # ---------------------------------------------------------------------------------------------
 
-LOSS_KEYS = {"loss/total", "loss/policy", "loss/value", "policy/entropy", "policy/clip_fraction"}
+LOSS_KEYS = {"loss/total", "loss/policy", "loss/value", "policy/entropy", "policy/clip_fraction", "policy/approx_kl"}
 
 
 def random_batch(params, key, n=64, obs_size=5):
@@ -55,9 +54,8 @@ def test_ppo_loss_at_the_rollout_parameters():
     assert loss.shape == () and all(v.shape == () for v in metrics.values())
     assert all(np.isfinite(v) for v in metrics.values())
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    assert jax.tree.structure(grads) == jax.tree.structure(params)
     # Ratio 1 everywhere: nothing clipped, and the surrogate is minus the mean normalized advantage (0).
-    assert float(metrics["policy/clip_fraction"]) == 0.0
+    assert float(metrics["policy/clip_fraction"]) == 0.0 and float(metrics["policy/approx_kl"]) == 0.0
     assert float(metrics["loss/policy"]) == pytest.approx(0.0, abs=1e-5)
     # The parts add up as documented.
     values = ppo.critic(params["critic"], batch["obs"])
@@ -318,6 +316,7 @@ def first_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_folder_contents(first_run):
     run_dir = first_run
     assert os.path.basename(run_dir).startswith("CartpoleBalance__ppo__1__")
@@ -348,6 +347,7 @@ def test_run_folder_contents(first_run):
     assert checkpoint["params"]["actor"][0]["w"].shape == (5, 32)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(first_run):
     run_dir = first_run
     before = read_csv(os.path.join(run_dir, "metrics.csv"))
@@ -374,25 +374,3 @@ def test_resume_continues_from_the_checkpoint(first_run):
     checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"))
     assert int(checkpoint["step"]) == 3 * ITERATION
     assert float(checkpoint["norm"].count) == 3 * ITERATION  # the normalizer was restored, not reset
-
-
-def test_normalizer_update_before_the_epochs():
-    """"before" (Brax's order): the epochs see the observations normalized with statistics that
-    already include the rollout, so even the first gradient step's ratios are not 1. ("after",
-    ratio exactly 1 at the rollout parameters, is the end-to-end run's and the loss test's.)"""
-    args = ppo.resolve(ppo.Args(**{**SMALL, "num_epochs": 1, "num_minibatches": 1}, actor_hidden=(8,),
-                                critic_hidden=(8,), normalizer_update="before"))
-    env = common.make_env(args.env_name)
-    optimizer = optax.adam(args.learning_rate)
-    params = ppo.init_params(jax.random.PRNGKey(0), env.observation_size, env.action_size, args)
-    # Statistics of 7 fake observations far from the task's: the rollout shifts them a lot.
-    norm = common.normalizer_update(common.normalizer_init(env.observation_size),
-                                    3.0 + jax.random.normal(jax.random.PRNGKey(4), (7, env.observation_size)))
-    env_state = common.reset_envs(env, jax.random.PRNGKey(1), args.num_envs)
-    iteration = jax.jit(ppo.make_train_iteration(env, optimizer, args))
-    (_, _, new_norm, _), metrics = iteration((params, optimizer.init(params), norm, env_state), jax.random.PRNGKey(2))
-    assert float(new_norm.count) == 7 + ppo.steps_per_iteration(args)  # updated once, with the rollout
-    # One epoch of one minibatch: a single gradient step at the rollout parameters. With "after"
-    # the surrogate would be -mean(normalized advantage) = 0 and nothing clipped; here it is not.
-    assert math.isfinite(float(metrics["loss/policy"]))
-    assert abs(float(metrics["loss/policy"])) > 1e-3 or float(metrics["policy/clip_fraction"]) > 0

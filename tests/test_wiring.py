@@ -1,0 +1,161 @@
+"""The wiring of every PPO-family training iteration, on a pure-JAX stand-in task (fast).
+
+With a learning rate of 0 the parameters never move, so every minibatch of every epoch sees
+the rollout's own policy: the log-ratio is 0, nothing is clipped and the approximate KL is 0,
+provided the iteration normalizes observations for the epochs exactly as it did for the
+rollout. The normalizer starts far from the task's statistics, so an update of it before the
+epochs (Brax's order, `ppo.py --normalizer-update before`) moves every ratio away from 1: the
+check fails for that wiring, which is what makes it a test of the order. It also checks that
+the normalizer does take in the rollout (after the epochs) and that the returned environment
+state is the one the rollout ended in.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from fake_env import FakeEnv
+
+import common
+import dppo
+import fpo
+import gorl_diffusion
+import gorl_fm
+import ppo
+
+LAYOUT = dict(env_name="CartpoleBalance", num_envs=4, batch_size=4, num_minibatches=2, unroll_length=7, num_epochs=2)
+KEY = jax.random.PRNGKey(0)
+ZERO_LR = optax.adam(0.0)
+
+
+def shifted_normalizer(size):
+    """Statistics of 5 observations around 3: far from the fake task's (around 0)."""
+    batch = 3.0 + jax.random.normal(jax.random.PRNGKey(9), (5, size))
+    return common.normalizer_update(common.normalizer_init(size), batch)
+
+
+def baseline_state(module, args, env):
+    params = module.init_params(KEY, env.observation_size, env.action_size, args)
+    env_state = common.reset_envs(env, jax.random.PRNGKey(1), args.num_envs)
+    return (params, ZERO_LR.init(params), shifted_normalizer(env.observation_size), env_state)
+
+
+def gorl_state(module, args, env, optimizer, opt_state_fn):
+    k_enc, k_critic, k_dec = jax.random.split(KEY, 3)
+    obs, act = env.observation_size, env.action_size
+    encoder = module.init_encoder(k_enc, obs, act, args)
+    # A stage starts at the prior, whose output ignores the state (zero last layer); give the
+    # encoder a state-dependent output, else a wrongly normalized observation would go unseen.
+    last = encoder[-1]
+    encoder = [*encoder[:-1], dict(last, w=0.3 * jax.random.normal(k_dec, last["w"].shape))]
+    params = {"encoder": encoder, "critic": common.mlp_init(k_critic, [obs, *args.critic_hidden, 1])}
+    return {
+        "params": params, "opt_state": opt_state_fn(params), "hp": module.stage_hyperparameters(args, 1),
+        "norm": shifted_normalizer(obs), "decoder": module.init_decoder(k_dec, obs, act, args),
+        "decoder_norm": common.normalizer_init(obs),
+        "env_state": common.reset_envs(env, jax.random.PRNGKey(1), args.num_envs),
+    }
+
+
+def run_one_iteration(algo, **overrides):
+    """(state before, state after, metrics, prefix of the policy metrics) of one iteration at lr 0."""
+    env = FakeEnv()
+    small = dict(critic_hidden=(16,))
+    if algo in ("ppo", "fpo", "dppo"):
+        module = {"ppo": ppo, "fpo": fpo, "dppo": dppo}[algo]
+        args = module.Args(**LAYOUT, **small, actor_hidden=(16,), **overrides)
+        args = module.resolve(args) if hasattr(module, "resolve") else args
+        state = baseline_state(module, args, env)
+        iteration = module.make_train_iteration(env, ZERO_LR, args)
+        prefix = "policy"
+    else:
+        module = {"gorl_fm": gorl_fm, "gorl_diffusion": gorl_diffusion}[algo]
+        lr = {"learning_rate": (0.0,)} if algo == "gorl_diffusion" else {"learning_rate": 0.0}
+        args = module.resolve(module.Args(**LAYOUT, **small, encoder_hidden=(16,), decoder_hidden=(16,), **lr,
+                                          **overrides))
+        if algo == "gorl_diffusion":
+            optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
+            state = gorl_state(module, args, env, optimizer,
+                               lambda p: module.stage_optimizer_state(optimizer, p, args, 1))
+        else:
+            optimizer = ZERO_LR
+            state = gorl_state(module, args, env, optimizer, optimizer.init)
+        iteration = module.make_train_iteration(env, optimizer, args)
+        prefix = "encoder"
+    before = jax.tree.map(jnp.array, state)  # a copy, independent of what the iteration returns
+    after, metrics = jax.jit(iteration)(state, jax.random.PRNGKey(2))
+    return args, before, after, jax.device_get(metrics), prefix
+
+
+def parts(algo, state):
+    """(params, normalizer, environment state) of either state layout."""
+    if isinstance(state, dict):
+        return state["params"], state["norm"], state["env_state"]
+    params, _, norm, env_state = state
+    return params, norm, env_state
+
+
+@pytest.mark.parametrize("algo", ["ppo", "fpo", "dppo", "gorl_fm", "gorl_diffusion"])
+def test_at_learning_rate_zero_every_minibatch_sees_the_rollout_policy(algo):
+    args, before, after, metrics, prefix = run_one_iteration(algo)
+    params_0, norm_0, env_0 = parts(algo, before)
+    params_1, norm_1, env_1 = parts(algo, after)
+    for a, b in zip(jax.tree.leaves(params_0), jax.tree.leaves(params_1)):
+        np.testing.assert_array_equal(a, b)
+    assert float(metrics[f"{prefix}/clip_fraction"]) == 0.0
+    # Zero up to float rounding: the rollout and the epochs evaluate the networks on batches of
+    # different shapes.
+    assert abs(float(metrics[f"{prefix}/approx_kl"])) < 1e-6
+    steps = args.batch_size * args.num_minibatches * args.unroll_length
+    assert float(norm_1.count) == float(norm_0.count) + steps  # the rollout was taken in
+    # The iteration hands on the environment where its rollout stopped.
+    assert np.abs(np.asarray(env_1.obs) - np.asarray(env_0.obs)).max() > 0
+    assert np.isfinite(float(metrics["critic/explained_variance"]))
+
+
+def test_normalizer_update_before_the_epochs_moves_the_ratio():
+    """Brax's order: the epochs see observations normalized with statistics that include the
+    rollout, so even at learning rate 0 the ratios are not 1."""
+    _, _, _, metrics, _ = run_one_iteration("ppo", normalizer_update="before")
+    assert float(metrics["policy/approx_kl"]) > 1e-4
+
+
+
+@pytest.mark.parametrize("module", [ppo, fpo, dppo], ids=lambda m: m.__name__)
+def test_resume_of_a_run_without_a_checkpoint_is_a_clear_error(module, tmp_path):
+    args = module.Args(**LAYOUT, runs_dir=str(tmp_path))
+    run = common.Run(args, module.__name__)  # a run folder stopped before its first evaluation
+    run.close()
+    with pytest.raises(SystemExit, match="no checkpoint yet"):
+        module.main(module.Args(resume=run.dir))
+
+
+@pytest.mark.parametrize("module", [gorl_fm, gorl_diffusion], ids=lambda m: m.__name__)
+def test_the_stage_settings_in_the_state_are_the_ones_applied(module):
+    """A stage's clip and gradient-norm clip are arrays in the training state (no recompiling):
+    one compiled iteration must apply whichever values the state carries."""
+    env = FakeEnv()
+    lr = {"learning_rate": (1e-2,)} if module is gorl_diffusion else {"learning_rate": 1e-2}
+    args = module.resolve(module.Args(**{**LAYOUT, "num_epochs": 4}, critic_hidden=(16,), encoder_hidden=(16,),
+                                      decoder_hidden=(16,), **lr))
+    if module is gorl_diffusion:
+        optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+        state = gorl_state(module, args, env, optimizer, lambda p: module.stage_optimizer_state(optimizer, p, args, 1))
+    else:
+        optimizer = optax.adam(1e-2)
+        state = gorl_state(module, args, env, optimizer, optimizer.init)
+    iteration = jax.jit(module.make_train_iteration(env, optimizer, args))
+    free = {"clip_eps": jnp.float32(10.0), "max_grad_norm": jnp.float32(1e6), "kl_beta": jnp.float32(0.0)}
+
+    def run(**hp):
+        after, metrics = iteration(dict(state, hp={**free, **hp}), jax.random.PRNGKey(2))
+        moved = max(float(jnp.abs(a - b).max()) for a, b in
+                    zip(jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(after["params"]["encoder"])))
+        return moved, float(metrics["encoder/clip_fraction"])
+
+    moved_free, clipped_free = run()
+    moved_tiny_norm, _ = run(max_grad_norm=jnp.float32(1e-12))
+    _, clipped_tight = run(clip_eps=jnp.float32(1e-4))
+    assert moved_free > 1e-3 and moved_tiny_norm < 1e-2 * moved_free  # Adam moves ~lr per step unless the norm clip bites
+    assert clipped_free == 0.0 and clipped_tight > 0.1
