@@ -91,7 +91,14 @@ class Args:
     decoder_hidden: tuple[int, ...] = (64, 64, 64, 64)
     """noise-prediction network hidden layer widths (SiLU)"""
     diffusion_steps: int = 10
-    """diffusion steps T (cosine schedule); DDIM sampling runs all T steps"""
+    """T: steps of the noise schedule, all of them taken by the DDIM sampler from x_T = z"""
+    noise_schedule: str = "cosine"
+    """alpha_bar_t over t = 0..T: cosine (Nichol & Dhariwal, Appendix C.1) or linear (1 down to 1e-3)"""
+    denoised_clip: float | None = None
+    """DDIM clips its clean-action estimate x_0 to [-c, c] (pre-squash); None: no clipping"""
+    decoder_output: str = "eps"
+    """units of the network's learned output inside eps_phi: eps (noise units, Appendix C.1) or x0
+    (clean action units, see gorl_diffusion.py)"""
     refine_envs: int = 64
     """parallel environments that collect a refinement dataset"""
     refine_iterations: int = 2
@@ -230,6 +237,10 @@ def validate(args: Args) -> None:
         (args.init_alpha > 0, "--init-alpha must be positive"),
         (min(args.refine_envs, args.refine_iterations, args.refine_epochs, args.diffusion_steps) > 0,
          "--refine-envs, --refine-iterations, --refine-epochs and --diffusion-steps must be positive"),
+        (args.denoised_clip is None or args.denoised_clip > 0,
+         f"--denoised-clip must be positive (or None for no clipping), got {args.denoised_clip}"),
+        (args.decoder_output in ("eps", "x0"), f"--decoder-output must be eps or x0, got {args.decoder_output!r}"),
+        (args.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {args.noise_schedule!r}"),
         (0 < args.refine_batch_size <= refine_dataset_size(args),
          f"--refine-batch-size {args.refine_batch_size} must be in [1, the refinement dataset size "
          f"{refine_dataset_size(args):,} = refine_envs * refine_iterations * {common.EPISODE_LENGTH}]"),
@@ -352,88 +363,144 @@ def polyak(target, online, tau: float):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoder g_phi(s, z): a conditional diffusion model, sampled with deterministic DDIM (App. C.1)
+# Decoder g_phi(s, z): a conditional diffusion model, noise predictor eps_phi(x_t, t, s) (App. C.1)
 # ---------------------------------------------------------------------------------------------
+#
+# Why the noise predictor has a skip connection (the identity at initialization).
+#
+# Write a_t = sqrt(abar_t), b_t = sqrt(1 - abar_t), with abar_0 = 1 (a_0 = 1, b_0 = 0). One DDIM
+# step (eta = 0) with noise estimate eps estimates the clean action and re-noises it one level
+# down:
+#     x0_hat  = (x_t - b_t eps) / a_t
+#     x_{t-1} = a_{t-1} x0_hat + b_{t-1} eps  =  A_t x_t + B_t eps,
+#     A_t = a_{t-1} / a_t,   B_t = b_{t-1} - a_{t-1} b_t / a_t.
+# A plain zero-initialized network (eps = 0) telescopes to x_0 = x_T / a_T = z / sqrt(abar_T),
+# which for the capped cosine schedule with T = 10 is about 204 z: far from the identity. (The
+# Bayes-optimal predictor for actions distributed as the prior itself, eps = b_t x_t, is not it
+# either: each step multiplies by cos(theta_t - theta_{t-1}), in all 0.88 z.)
+#
+# The step leaves x_t unchanged if and only if eps = c_t x_t with c_t = (1 - A_t) / B_t. With
+# abar_t = cos^2(theta_t), c_t = sin(mid_t) / cos(half_t), mid_t = (theta_{t-1} + theta_t) / 2,
+# half_t = (theta_t - theta_{t-1}) / 2, so 0 < c_t < 1 and c_t is close to b_t at the middle of
+# the step: c_t x_t is nearly the exact noise of a prior-distributed action. The network is
+#     eps_phi(x_t, t, s) = c_t x_t + f_phi(s, x_t, t),
+# f_phi an MLP with a zero output layer. Eq. (17) trains eps_phi as a whole and DDIM samples with
+# eps_phi as a whole, so this is a fixed linear skip connection inside an ordinary
+# epsilon-prediction diffusion model: training and sampling stay consistent. Substituting,
+#     x_{t-1} = A_t x_t + B_t (c_t x_t + f) = x_t + B_t f,
+# which is how `ddim` computes the step: with f = 0 it returns x_t bit for bit, so at
+# initialization g(s, z) = z *exactly* (error 0, not just float precision), for every s and z
+# with |z_i| <= denoised_clip (see below; every z when the clip is off).
+#
+# Clipping x0_hat. B_T is about -31 (abar_T = 2.4e-5), so an error in f at t = T moves x_{T-1}
+# 31 times as far; diffusion policies clip x0_hat for this reason (DPPO, Diffusion Policy).
+# After clipping, DDIM recomputes the noise from the clipped estimate x0c, which adds
+# D_t (x0c - x0_hat) to the step, D_t = a_{t-1} - b_{t-1} a_t / b_t (D_1 = 1, so a = x0c).
+# The correction is exactly 0 when nothing is clipped. At initialization x0_hat = r_t x_t with
+# r_t = (1 - b_t c_t) / a_t = cos(mid_t) / cos(half_t) <= 1 and x_t = z throughout, so a latent
+# with |z_i| <= clip is never clipped, and one beyond it ends at sign(z_i) * clip.
+#
+# Output units (--decoder-output). With eps (the default here), f_phi is in noise units, as in
+# Appendix C.1. With x0 (gorl_diffusion.py's default), f = -(a_t / b_t) h_phi: then
+# x0_hat = r_t x_t + h and the step is x_{t-1} = x_t + D_t h, so the network's error enters
+# x_{t-1} scaled by D_t <= 1 instead of B_t (-31 at t = T). It is the same eps_phi trained by the
+# same Eq. (17) (EDM's output preconditioning, Karras et al. 2022), and h = 0 is still the exact
+# identity. gorl_sac.py keeps Appendix C.1's model by default: cosine schedule, eps, no clip.
 
 
-def diffusion_coefficients(num_steps: int) -> dict[str, jax.Array]:
-    """The constants of the forward process, the DDIM step and the identity skip, k = 1..T.
+def alpha_bar(num_steps: int, noise_schedule: str = "linear") -> np.ndarray:
+    """abar_t for t = 0..T (abar_0 = 1), in float64.
 
-    Forward process (Eq. 16):  x_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps.
-    DDIM step k -> k-1 (eta = 0): predict a_hat = (x_k - sqrt(1 - ab_k) eps_hat) / sqrt(ab_k), then
-        x_{k-1} = sqrt(ab_{k-1}) a_hat + sqrt(1 - ab_{k-1}) eps_hat = A_k x_k + B_k eps_hat,
-        A_k = sqrt(ab_{k-1} / ab_k),   B_k = sqrt(1 - ab_{k-1}) - A_k sqrt(1 - ab_k)   (B_k < 0).
-
-    Identity at initialization. With a plain noise-prediction network, eps_hat = 0 makes every
-    step a pure rescaling, x_{k-1} = A_k x_k, so g(s, z) = z / sqrt(ab_T) (about 200 z): no
-    zero-initialized eps-network gives the identity. We therefore give the network a fixed
-    linear skip and let it predict the residual:
-        eps_hat(x_k, k, s) = c_k x_k + f_phi(s, x_k, k),   c_k = (1 - A_k) / B_k,
-    chosen so that the DDIM step with f_phi = 0 is exactly the identity:
-        x_{k-1} = A_k x_k + B_k (c_k x_k + f) = x_k + B_k f.
-    So the sampler is x_{k-1} = x_k + B_k f_phi(s, x_k, k), which is DDIM with this eps_hat
-    written without the cancelling terms: a zero output layer gives g(s, z) = z bit for bit.
-    c_k is close to sqrt(1 - ab_k), the best noise prediction when the actions are N(0, I)
-    (E[eps | x_k] = sqrt(1 - ab_k) x_k): the skip is the "decoder = identity" noise predictor.
-    Training is unchanged: eps_hat regresses the noise (Eq. 17).
+    linear (the released code's default): abar decreases linearly from 1 to 1e-3 over t / T.
+    cosine (the paper's Appendix C.1): Nichol & Dhariwal's, see `common.cosine_alpha_bar`.
     """
-    ab = common.cosine_alpha_bar(num_steps)
-    a_k, a_prev = np.sqrt(ab[1:]), np.sqrt(ab[:-1])
-    s_k, s_prev = np.sqrt(1.0 - ab[1:]), np.sqrt(1.0 - ab[:-1])
-    A = a_prev / a_k
-    B = s_prev - A * s_k
-    return {
-        "sqrt_ab": jnp.asarray(a_k, jnp.float32),  # index k - 1 holds step k
-        "sqrt_1m_ab": jnp.asarray(s_k, jnp.float32),
-        "A": jnp.asarray(A, jnp.float32),
-        "B": jnp.asarray(B, jnp.float32),
-        "skip": jnp.asarray((1.0 - A) / B, jnp.float32),
-    }
+    if noise_schedule == "cosine":
+        return common.cosine_alpha_bar(num_steps)
+    return 1e-3 + (1.0 - 1e-3) * (1.0 - np.arange(num_steps + 1, dtype=np.float64) / num_steps)
+
+
+def diffusion_schedule(num_steps: int, decoder_output: str = "x0", noise_schedule: str = "linear") -> dict[str, jax.Array]:
+    """The noise schedule and the DDIM coefficients derived above.
+
+    Arrays are indexed by t = 0..T; the step coefficients c, B, r, D and the network's output
+    scale are defined for t >= 1 (entry 0 is unused). Computed in float64 so the float32 values
+    carry no accumulated error. The derivation holds for any abar decreasing from abar_0 = 1.
+    """
+    abar = alpha_bar(num_steps, noise_schedule)
+    a, b = np.sqrt(abar), np.sqrt(1.0 - abar)
+    A = a[:-1] / a[1:]
+    B = b[:-1] - a[:-1] * b[1:] / a[1:]
+    c = (1.0 - A) / B
+    r = np.minimum((1.0 - b[1:] * c) / a[1:], 1.0)  # <= 1 in exact arithmetic; keep it so in float
+    D = a[:-1] - b[:-1] * a[1:] / b[1:]
+    out_scale = np.ones(num_steps) if decoder_output == "eps" else -a[1:] / b[1:]
+    pad = lambda x: np.concatenate([[0.0], x])  # noqa: E731
+    sched = {"alpha_bar": abar, "sqrt_alpha_bar": a, "sqrt_one_minus_alpha_bar": b, "skip": pad(c),
+             "out_scale": pad(out_scale), "step": pad(B), "x0_ratio": pad(r), "clip_correction": pad(D)}
+    return {k: jnp.asarray(v, jnp.float32) for k, v in sched.items()}
 
 
 def init_decoder(key, obs_size: int, action_size: int, args: Args):
-    """A zero output layer gives f_phi = 0, so every DDIM step is the identity: g(s, z) = z."""
+    """A zero output layer gives f = 0: every DDIM step is the identity, so g(s, z) = z exactly."""
     params = common.mlp_init(key, [obs_size + action_size + common.TIME_EMBEDDING_SIZE, *args.decoder_hidden, action_size])
     params[-1] = jax.tree.map(jnp.zeros_like, params[-1])
     return params
 
 
-def residual(params, obs, x_k, k, num_steps: int):
-    """f_phi(s, x_k, k): the network's part of the noise prediction."""
-    k = jnp.broadcast_to(k, x_k.shape[:-1]).astype(jnp.float32)
-    return common.mlp_apply(params, jnp.concatenate([obs, x_k, common.time_embedding(k / num_steps)], axis=-1))
+def noise_residual(params, obs, x_t, t, sched):
+    """f_phi(s, x_t, t), the learned part of eps_phi (noise units): the network's output times the
+    output scale. The input is [normalized obs, x_t, embedding of t / T]; t in 1..T, an array
+    broadcasting against x_t's leading axes."""
+    num_steps = sched["alpha_bar"].shape[0] - 1
+    t = jnp.broadcast_to(t, x_t.shape[:-1])
+    out = common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t / num_steps)], axis=-1))
+    return sched["out_scale"][t][..., None] * out
 
 
-def predict_noise(params, obs, x_k, k, coef, num_steps: int):
-    """eps_hat(x_k, k, s) = c_k x_k + f_phi(s, x_k, k), k in 1..T (integer array or scalar)."""
-    skip = coef["skip"][k - 1]
-    skip = skip[..., None] if jnp.ndim(skip) else skip
-    return skip * x_k + residual(params, obs, x_k, k, num_steps)
+def predict_noise(params, obs, x_t, t, sched):
+    """eps_phi(x_t, t, s) = c_t x_t + f_phi(s, x_t, t)."""
+    return sched["skip"][t][..., None] * x_t + noise_residual(params, obs, x_t, t, sched)
 
 
-def decode(params, obs, z, num_steps: int):
-    """a = g_phi(s, z): deterministic DDIM (eta = 0) over all T steps from x_T = z to x_0.
+def ddim(residual, z, sched, denoised_clip: float | None):
+    """Deterministic DDIM (eta = 0) from x_T = z down to x_0, given `residual(x_t, t) = f`.
 
-    Each step is x_{k-1} = A_k x_k + B_k eps_hat = x_k + B_k f_phi(s, x_k, k) (derivation in
-    `diffusion_coefficients`).
+    Each step is x_{t-1} = x_t + B_t f (= A_t x_t + B_t eps_phi, derived above), plus the clip
+    correction D_t (x0c - x0_hat), which is exactly 0 where the estimate is inside the clip.
     """
-    coef = diffusion_coefficients(num_steps)
+    num_steps = sched["alpha_bar"].shape[0] - 1
 
-    def ddim_step(x, k):
-        return x + coef["B"][k - 1] * residual(params, obs, x, k, num_steps), None
+    def step(x, t):
+        f = residual(x, t)
+        x_prev = x + sched["step"][t] * f
+        if denoised_clip is not None:
+            x0_hat = sched["x0_ratio"][t] * x - sched["sqrt_one_minus_alpha_bar"][t] / sched["sqrt_alpha_bar"][t] * f
+            x_prev = x_prev + sched["clip_correction"][t] * (jnp.clip(x0_hat, -denoised_clip, denoised_clip) - x0_hat)
+        return x_prev, None
 
-    a, _ = jax.lax.scan(ddim_step, z, jnp.arange(num_steps, 0, -1))
+    a, _ = jax.lax.scan(step, z, jnp.arange(num_steps, 0, -1))
     return a
 
 
-def diffusion_loss(params, obs, actions, noise, k, num_steps: int):
-    """Noise prediction (Eq. 17): x_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps with k ~ U{1..T}, regress
-    eps_hat(x_k, k, s) onto eps. In refinement (Eq. 4) the noise eps, the decoder's latent, is a
-    fresh draw from the fixed prior N(0, I), never the encoder's latent."""
-    coef = diffusion_coefficients(num_steps)
-    x_k = coef["sqrt_ab"][k - 1][:, None] * actions + coef["sqrt_1m_ab"][k - 1][:, None] * noise
-    eps_hat = predict_noise(params, obs, x_k, k, coef, num_steps)
-    return jnp.mean(jnp.sum((eps_hat - noise) ** 2, axis=-1))
+def decode(params, obs, z, sched, denoised_clip: float | None):
+    """a = g_phi(s, z): the DDIM chain started at x_T = z (Appendix C.1)."""
+    return ddim(lambda x, t: noise_residual(params, obs, x, t, sched), z, sched, denoised_clip)
+
+
+def diffuse(actions, xi, t, sched):
+    """The forward process (Eq. 16): a_t = sqrt(abar_t) a_0 + sqrt(1 - abar_t) xi."""
+    return sched["sqrt_alpha_bar"][t][..., None] * actions + sched["sqrt_one_minus_alpha_bar"][t][..., None] * xi
+
+
+def diffusion_loss(params, obs, actions, xi, t, sched):
+    """Denoising loss (Eq. 17): regress eps_phi(a_t, t, s) onto the noise xi that made a_t from the
+    action, t ~ U{1..T}. In refinement (Eq. 4) xi is a fresh draw from the fixed prior N(0, I),
+    never the encoder's latent. `xi` and `t` may carry leading axes of extra draws per action;
+    `obs` and `actions` are broadcast to them."""
+    obs = jnp.broadcast_to(obs, xi.shape[:-1] + obs.shape[-1:])
+    actions = jnp.broadcast_to(actions, xi.shape)
+    eps = predict_noise(params, obs, diffuse(actions, xi, t, sched), t, sched)
+    return jnp.mean(jnp.sum((xi - eps) ** 2, axis=-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,11 +599,12 @@ def make_sac_update(optimizer, target_entropy: float, args: Args):
 
 def make_act(args: Args):
     """The latent policy's environment action: a = g(s, z), or a = z for plain SAC."""
+    sched = diffusion_schedule(args.diffusion_steps, args.decoder_output, args.noise_schedule)
 
     def act(state, obs, z):
         if args.plain_sac:
             return z
-        return decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, args.diffusion_steps)
+        return decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, sched, args.denoised_clip)
 
     return act
 
@@ -616,6 +684,7 @@ def make_train_chunk(env, optimizer, target_entropy: float, args: Args):
 def make_refinement(env, args: Args):
     decoder_optimizer = optax.adam(args.refine_learning_rate)
     num_minibatches = refine_dataset_size(args) // args.refine_batch_size
+    sched = diffusion_schedule(args.diffusion_steps, args.decoder_output, args.noise_schedule)
     act = make_act(args)
 
     def collect(state, key):
@@ -635,21 +704,21 @@ def make_refinement(env, args: Args):
         return dataset, common.completed_episode_return(data)[0]
 
     def fit(decoder_params, decoder_norm, dataset, key):
-        """Eq. 4: minimize the denoising loss over the dataset, the noise (the decoder's latent)
-        drawn fresh from the fixed prior N(0, I) and the step k uniform in 1..T."""
+        """Eq. 4: minimize the denoising loss over the dataset, the noise xi (the decoder's
+        latent) drawn fresh from the fixed prior N(0, I) and the step t uniform in 1..T."""
         T = args.diffusion_steps
 
         def draw(batch, key):
             k_noise, k_step = jax.random.split(key)
             actions = batch["action"]
-            noise = jax.random.normal(k_noise, actions.shape)
-            return noise, jax.random.randint(k_step, actions.shape[:-1], 1, T + 1)
+            xi = jax.random.normal(k_noise, actions.shape)
+            return xi, jax.random.randint(k_step, actions.shape[:-1], 1, T + 1)
 
         def update(carry, batch):
             params, opt_state, key = carry
             key, k_draw = jax.random.split(key)
-            noise, k = draw(batch, k_draw)
-            loss, grads = jax.value_and_grad(diffusion_loss)(params, batch["obs"], batch["action"], noise, k, T)
+            xi, t = draw(batch, k_draw)
+            loss, grads = jax.value_and_grad(diffusion_loss)(params, batch["obs"], batch["action"], xi, t, sched)
             updates, opt_state = decoder_optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, key), {"loss": loss}
 
@@ -658,8 +727,8 @@ def make_refinement(env, args: Args):
         carry = (decoder_params, decoder_optimizer.init(decoder_params), k_carry)
         (params, _, _), metrics = common.minibatch_sgd(update, carry, data, k_sgd, args.refine_epochs, num_minibatches)
         head = jax.tree.map(lambda x: x[: args.refine_batch_size], data)
-        noise, k = draw(head, k_final)
-        final_loss = diffusion_loss(params, head["obs"], head["action"], noise, k, T)
+        xi, t = draw(head, k_final)
+        final_loss = diffusion_loss(params, head["obs"], head["action"], xi, t, sched)
         return params, {"refine/loss_mean": metrics["loss"], "refine/loss_final": final_loss}
 
     return jax.jit(collect), jax.jit(fit)

@@ -185,7 +185,8 @@ def test_zero_initialized_decoder_is_exactly_the_identity():
     params = gorl_sac.init_decoder(jax.random.PRNGKey(8), OBS, LATENT, args)
     obs = jax.random.normal(jax.random.PRNGKey(9), (256, OBS))
     z = 5.0 * jax.random.normal(jax.random.PRNGKey(10), (256, LATENT))
-    a = jax.jit(gorl_sac.decode, static_argnums=3)(params, obs, z, args.diffusion_steps)
+    sched = gorl_sac.diffusion_schedule(args.diffusion_steps, args.decoder_output, args.noise_schedule)
+    a = jax.jit(gorl_sac.decode, static_argnums=4)(params, obs, z, sched, args.denoised_clip)
     np.testing.assert_array_equal(a, z)  # bit for bit, not just close
 
 
@@ -199,13 +200,14 @@ def test_ddim_sampler_is_textbook_ddim_with_the_skip_noise_prediction():
     obs = jax.random.normal(jax.random.PRNGKey(12), (16, OBS))
     z = jax.random.normal(jax.random.PRNGKey(13), (16, LATENT))
     ab = common.cosine_alpha_bar(T)
-    coef = gorl_sac.diffusion_coefficients(T)
+    assert args.noise_schedule == "cosine" and args.decoder_output == "eps" and args.denoised_clip is None
+    sched = gorl_sac.diffusion_schedule(T, args.decoder_output, args.noise_schedule)
     x = np.asarray(z, np.float64)
-    for k in range(T, 0, -1):
-        eps = np.asarray(gorl_sac.predict_noise(params, obs, jnp.asarray(x, jnp.float32), k, coef, T), np.float64)
-        a_hat = (x - np.sqrt(1 - ab[k]) * eps) / np.sqrt(ab[k])
-        x = np.sqrt(ab[k - 1]) * a_hat + np.sqrt(1 - ab[k - 1]) * eps
-    a = gorl_sac.decode(params, obs, z, T)
+    for t in range(T, 0, -1):
+        eps = np.asarray(gorl_sac.predict_noise(params, obs, jnp.asarray(x, jnp.float32), t, sched), np.float64)
+        a_hat = (x - np.sqrt(1 - ab[t]) * eps) / np.sqrt(ab[t])
+        x = np.sqrt(ab[t - 1]) * a_hat + np.sqrt(1 - ab[t - 1]) * eps
+    a = gorl_sac.decode(params, obs, z, sched, None)
     assert np.abs(np.asarray(a) - z).max() > 1e-2  # the network does move the sample
     np.testing.assert_allclose(a, x, atol=5e-4 * (1 + np.abs(x).max()))
     # The schedule: alpha_bar decreasing from 1 to nearly 0; the skip close to sqrt(1 - alpha_bar).
@@ -217,6 +219,7 @@ def test_refinement_fits_a_state_dependent_action_from_the_prior():
     near the data (here a = 2 * s_0 + 0.05 noise)."""
     args = _small_args()
     T = args.diffusion_steps
+    sched = gorl_sac.diffusion_schedule(T, args.decoder_output, args.noise_schedule)
     params = gorl_sac.init_decoder(jax.random.PRNGKey(14), 1, 1, args)
     optimizer = optax.adam(3e-3)
 
@@ -227,9 +230,9 @@ def test_refinement_fits_a_state_dependent_action_from_the_prior():
             k_obs, k_a, k_noise, k_step = jax.random.split(key, 4)
             obs = jax.random.uniform(k_obs, (256, 1), minval=-1, maxval=1)
             actions = 2.0 * obs + 0.05 * jax.random.normal(k_a, obs.shape)
-            noise = jax.random.normal(k_noise, actions.shape)
-            k = jax.random.randint(k_step, (256,), 1, T + 1)
-            loss, grads = jax.value_and_grad(gorl_sac.diffusion_loss)(params, obs, actions, noise, k, T)
+            xi = jax.random.normal(k_noise, actions.shape)
+            t = jax.random.randint(k_step, (256,), 1, T + 1)
+            loss, grads = jax.value_and_grad(gorl_sac.diffusion_loss)(params, obs, actions, xi, t, sched)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -239,7 +242,7 @@ def test_refinement_fits_a_state_dependent_action_from_the_prior():
     params, losses = train(params, jax.random.PRNGKey(15))
     assert losses[-100:].mean() < 0.5 * losses[:100].mean()
     obs = jnp.linspace(-1, 1, 9)[:, None].repeat(64, axis=0)
-    a = gorl_sac.decode(params, obs, jax.random.normal(jax.random.PRNGKey(16), obs.shape), T)
+    a = gorl_sac.decode(params, obs, jax.random.normal(jax.random.PRNGKey(16), obs.shape), sched, None)
     assert np.abs(np.asarray(a) - 2.0 * np.asarray(obs)).mean() < 0.15
 
 
