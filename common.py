@@ -135,25 +135,33 @@ def resolve_task_settings(args, algo: str, defaults: dict):
     return dataclasses.replace(args, **resolved)
 
 
-def make_env(name: str, impl: str = "jax", episode_length: int = EPISODE_LENGTH):
+def make_env(name: str, impl: str = "jax", episode_length: int = EPISODE_LENGTH, brax_env=None):
     """A batched DMC task: auto-reset, episode bookkeeping, tanh-squashed actions.
 
     `reset` takes a batch of keys, `step` a batch of *pre-squash* actions `a`; the simulator
     receives `tanh(a)`. Episodes end after `episode_length` steps as a truncation (not a
-    terminal: `info["truncation"]` is 1, `done` is 1). Brax-style auto-reset then replaces the
-    observation with the new episode's first one, so the true last observation is kept in
+    terminal: `info["truncation"]` is 1, `done` is 1); a task's own early termination is a
+    terminal (`done` 1, `truncation` 0). Brax-style auto-reset then replaces the observation
+    with the new episode's first one, so the true last observation is kept in
     `info["next_obs"]` (equal to `obs` on every other step).
+
+    `brax_env`: a bare Brax environment to wrap the same way instead of the Playground task
+    `name` (gorl_sac.py's Gym locomotion tasks). Brax environments hold `pipeline_state`, not
+    Playground's `data`, so Brax's AutoResetWrapper takes the place of Playground's.
     """
-    ok, message = env_name_check(name)
-    if not ok:
-        raise ValueError(message)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
-    env = registry.load(name, config_overrides={"impl": impl})
+    if brax_env is None:
+        ok, message = env_name_check(name)
+        if not ok:
+            raise ValueError(message)
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+        env, auto_reset = registry.load(name, config_overrides={"impl": impl}), playground_wrapper.BraxAutoResetWrapper
+    else:
+        env, auto_reset = brax_env, brax_wrappers.AutoResetWrapper
     env = brax_wrappers.VmapWrapper(env)
     env = brax_wrappers.EpisodeWrapper(env, episode_length, action_repeat=1)
     env = _KeepNextObs(env)
-    env = playground_wrapper.BraxAutoResetWrapper(env)
+    env = auto_reset(env)
     return _SquashAction(env)
 
 

@@ -35,8 +35,6 @@ import numpy as np
 import optax
 import tyro
 from brax import envs as brax_envs
-from brax.envs import base as brax_base
-from brax.envs.wrappers import training as brax_wrappers
 
 import common
 
@@ -140,45 +138,13 @@ def env_name_check(name: str) -> tuple[bool, str]:
 
 
 def make_env(name: str, impl: str = "jax", episode_length: int = common.EPISODE_LENGTH):
-    """A batched task with auto-reset, episode bookkeeping and tanh-squashed actions.
-
-    DMC tasks come from `common.make_env`. The Gym tasks get the same wrapper stack built from
-    Brax's own wrappers: playground's BraxAutoResetWrapper resets `state.data`, which Brax envs
-    do not have (they hold `pipeline_state`), so Brax's AutoResetWrapper takes its place. As in
-    common.make_env, `info["next_obs"]` keeps the true observation of every step, also the last
-    one of an episode that auto-reset then overwrites in `obs`. Brax's locomotion tasks
-    terminate early (`done` without `truncation`: no bootstrap); the time limit truncates
-    (`truncation` = 1: SAC bootstraps from `info["next_obs"]`).
-    """
-    if name not in GYM_TASKS:
-        return common.make_env(name, impl, episode_length)
-    env = brax_envs.get_environment(GYM_TASKS[name], backend="mjx")
-    env = brax_wrappers.VmapWrapper(env)
-    env = brax_wrappers.EpisodeWrapper(env, episode_length, action_repeat=1)
-    env = _KeepNextObs(env)
-    env = brax_wrappers.AutoResetWrapper(env)
-    return _SquashAction(env)
-
-
-class _KeepNextObs(brax_base.Wrapper):
-    """Stores the observation the step produced before auto-reset can overwrite it."""
-
-    def reset(self, rng):
-        state = self.env.reset(rng)
-        state.info["next_obs"] = state.obs
-        return state
-
-    def step(self, state, action):
-        state = self.env.step(state, action)
-        state.info["next_obs"] = state.obs
-        return state
-
-
-class _SquashAction(brax_base.Wrapper):
-    """Policies act in the unbounded pre-squash space; the task's bounds are [-1, 1]."""
-
-    def step(self, state, action):
-        return self.env.step(state, jnp.tanh(action))
+    """A batched task with auto-reset, episode bookkeeping and tanh-squashed actions: the DMC
+    tasks as `common.make_env` builds them, the Gym tasks as Brax environments in the same
+    wrappers. Brax's locomotion tasks terminate early (`done` without `truncation`: no
+    bootstrap); the time limit truncates (`truncation` = 1: SAC bootstraps from
+    `info["next_obs"]`, the true last observation)."""
+    brax_env = brax_envs.get_environment(GYM_TASKS[name], backend="mjx") if name in GYM_TASKS else None
+    return common.make_env(name, impl, episode_length, brax_env=brax_env)
 
 
 # ---------------------------------------------------------------------------------------------

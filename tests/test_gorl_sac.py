@@ -267,6 +267,7 @@ def test_validation_rejects_bad_flags_before_compiling(capsys):
     assert gorl_sac.updates_per_env_step(gorl_sac.Args()) == 20 * 16
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("GORL_SLOW_TESTS"),
                     reason="compiles Brax's MJX Hopper (over a minute on a 2-core CPU); set GORL_SLOW_TESTS=1")
 def test_brax_hopper_keeps_the_true_last_observation():
@@ -303,6 +304,14 @@ def test_brax_hopper_keeps_the_true_last_observation():
     steady = np.ones(60, bool)
     steady[falls] = False
     np.testing.assert_array_equal(out["next_obs"][steady, 1], out["obs"][steady, 1])
+    # Fresh start states: the redraw replaces Brax's own auto-reset cache (`first_obs`,
+    # `first_pipeline_state`), so the next episodes start elsewhere.
+    state = jax.jit(env.reset)(jax.random.split(jax.random.PRNGKey(0), 2))
+    fresh = jax.jit(lambda s, k: common.redraw_start_states(env, s, k))(state, jax.random.PRNGKey(5))
+    for name in ("first_obs", "first_pipeline_state"):
+        old_leaves, new_leaves = jax.tree.leaves(state.info[name]), jax.tree.leaves(fresh.info[name])
+        assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in zip(old_leaves, new_leaves))
+    np.testing.assert_array_equal(fresh.obs, state.obs)  # the episodes in progress are untouched
 
 
 SMOKE_FLAGS = [
