@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -316,20 +317,48 @@ def flow_matching_loss(params, obs, actions, z, t):
     return jnp.mean(jnp.sum((v - (actions - z)) ** 2, axis=-1))
 
 
-def sample_actions(state, obs, key, num_samples: int, flow_steps: int, from_prior: bool = False,
+def sample_actions(checkpoint, obs, key, num_samples: int, flow_steps: int, from_prior: bool = False,
                    bounded_latent: bool = False, action_semantics: str = "pre_squash"):
     """`num_samples` environment actions at one raw observation `obs`.
 
     Latents come from the encoder (or from the prior N(0, I) with `from_prior`), as for the
-    action-density figure (paper Fig. 7). `state` is a stage checkpoint (see `main`).
+    action-density figure (paper Fig. 7). `checkpoint` is a stage checkpoint (see `main`).
     """
     obs = jnp.broadcast_to(obs, (num_samples, obs.shape[-1]))
     if from_prior:
-        z = jax.random.normal(key, (num_samples, state["decoder"][-1]["b"].shape[-1]))
+        z = jax.random.normal(key, (num_samples, checkpoint["decoder"][-1]["b"].shape[-1]))
     else:
-        z, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key, bounded_latent)
-    decoder_obs = common.normalize(state["decoder_norm"], obs)
-    return jnp.tanh(common.env_action(decode(state["decoder"], decoder_obs, z, flow_steps), action_semantics))
+        z, _, _ = sample_latent(checkpoint["params"]["encoder"], common.normalize(checkpoint["norm"], obs), key, bounded_latent)
+    decoder_obs = common.normalize(checkpoint["decoder_norm"], obs)
+    return jnp.tanh(common.env_action(decode(checkpoint["decoder"], decoder_obs, z, flow_steps), action_semantics))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training state, and the policy: a latent from the encoder, an action from the decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainState(NamedTuple):
+    """Everything a stage trains and runs with; checkpoints hold the first four fields."""
+
+    params: dict  # {"encoder": ..., "critic": ...}: trained by latent PPO
+    norm: common.Normalizer  # the encoder's and critic's observation statistics
+    decoder: list  # g_phi, frozen during a stage, refitted between stages
+    decoder_norm: common.Normalizer  # the statistics the decoder was fitted with, fixed with it
+    opt_state: Any = None  # the stage's Adam state (`start_stage`)
+    hp: dict | None = None  # the stage's clip, gradient-norm clip and KL weight, as arrays
+    env_state: Any = None  # the batched training environments, mid-episode
+
+
+STAGE_KEYS = ("params", "norm", "decoder", "decoder_norm")
+
+
+def act(state: TrainState, obs, z, args: Args):
+    """a = g_phi(s, z) for raw observations `obs`, the decoder seeing them through its own
+    statistics: the action in the decoder's units (pre-squash, or bounded on humanoids);
+    `common.env_action` gives what the environment receives. With `sample_latent` (or
+    `mean_latent`) this is the whole policy, in training, refinement and evaluation."""
+    return decode(state.decoder, common.normalize(state.decoder_norm, obs), z, args.flow_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,17 +419,16 @@ def make_train_iteration(env, optimizer, args: Args):
         return (optax.apply_updates(params, updates), opt_state, hp), metrics
 
     def train_iteration(state, key):
-        params, norm = state["params"], state["norm"]
-        dec, dec_norm = state["decoder"], state["decoder_norm"]
+        params, norm = state.params, state.norm
         k_rollout, k_sgd = jax.random.split(key)
 
         def policy(obs, key):
             # The decoder runs inside the rollout scan: it is part of the latent MDP's dynamics.
             z, u, log_prob = sample_latent(params["encoder"], common.normalize(norm, obs), key, args.bounded_latent)
-            action = common.env_action(decode(dec, common.normalize(dec_norm, obs), z, args.flow_steps), args.action_semantics)
+            action = common.env_action(act(state, obs, z, args), args.action_semantics)
             return action, {"latent": u, "log_prob": log_prob}
 
-        env_state, data = common.rollout(env, state["env_state"], policy, k_rollout, rollout_steps,
+        env_state, data = common.rollout(env, state.env_state, policy, k_rollout, rollout_steps,
                                          fresh_start_states=args.fresh_start_states)
         advantages, targets = common.value_targets(
             lambda obs: critic(params["critic"], common.normalize(norm, obs)),
@@ -415,14 +443,14 @@ def make_train_iteration(env, optimizer, args: Args):
         }
         batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
         (params, opt_state, _), metrics = common.minibatch_sgd(
-            update, (params, state["opt_state"], state["hp"]), batch, k_sgd, args.num_epochs, args.num_minibatches
+            update, (params, state.opt_state, state.hp), batch, k_sgd, args.num_epochs, args.num_minibatches
         )
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
         # How much of the return targets the critic explained before this iteration's epochs.
         metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
         metrics["train/action_abs_mean"] = jnp.abs(jnp.tanh(data["action"])).mean()
-        state = dict(state, params=params, opt_state=opt_state, env_state=env_state,
-                     norm=common.normalizer_update(norm, data["obs"]))
+        state = state._replace(params=params, opt_state=opt_state, env_state=env_state,
+                               norm=common.normalizer_update(norm, data["obs"]))
         return state, metrics
 
     return train_iteration
@@ -461,9 +489,8 @@ def make_refinement(env, args: Args):
         env_state = common.reset_envs(env, k_reset, args.refine_envs)
 
         def policy(obs, key):
-            z, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key,
-                                    args.bounded_latent)
-            a = decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, args.flow_steps)
+            z, _, _ = sample_latent(state.params["encoder"], common.normalize(state.norm, obs), key, args.bounded_latent)
+            a = act(state, obs, z, args)
             target = common.regression_targets(a, args.action_semantics, args.decoder_target_clip)
             return common.env_action(a, args.action_semantics), {"latent": z, "target": target}
 
@@ -514,12 +541,12 @@ def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, ru
     k_collect, k_fit, k_eval = jax.random.split(key, 3)
     t0 = time.time()
     dataset, collect_return = collect(state, k_collect)
-    decoder, decoder_norm, metrics = fit(state["decoder"], dataset, k_fit)
+    decoder, decoder_norm, metrics = fit(state.decoder, dataset, k_fit)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
     # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
     # state for the whole next stage, while the encoder's statistics move on.
-    state = dict(state, decoder=decoder, decoder_norm=decoder_norm)
+    state = state._replace(decoder=decoder, decoder_norm=decoder_norm)
     refined_return = float(evaluate(state, k_eval, True)["eval/return"])
     metrics.update({"refine/collect_return": float(collect_return), "refine/prior_latent_return": refined_return,
                     "refine/seconds": time.time() - t0})
@@ -547,17 +574,16 @@ def make_evaluate(env, args: Args):
 
     @jax.jit
     def evaluate_jit(state, key, prior_latents):
-        def act(obs, key):
-            enc_obs = common.normalize(state["norm"], obs)
+        def policy(obs, key):
+            enc_obs = common.normalize(state.norm, obs)
             if args.deterministic_eval:
-                z = mean_latent(state["params"]["encoder"], enc_obs, args.bounded_latent)
+                z = mean_latent(state.params["encoder"], enc_obs, args.bounded_latent)
             else:
-                z, _, _ = sample_latent(state["params"]["encoder"], enc_obs, key, args.bounded_latent)
+                z, _, _ = sample_latent(state.params["encoder"], enc_obs, key, args.bounded_latent)
             z = jnp.where(prior_latents, jnp.zeros_like(z), z)
-            a = decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, args.flow_steps)
-            return common.env_action(a, args.action_semantics)
+            return common.env_action(act(state, obs, z, args), args.action_semantics)
 
-        return evaluator(act, key)
+        return evaluator(policy, key)
 
     return lambda state, key, prior_latents=False: evaluate_jit(state, key, jnp.asarray(prior_latents))
 
@@ -565,15 +591,15 @@ def make_evaluate(env, args: Args):
 def init_state(obs_size: int, action_size: int, args: Args, k_critic, k_decoder):
     """Algorithm 1, line 2: the identity decoder (or the one --frozen-decoder names) and a
     critic; each stage creates its encoder (`start_stage`)."""
-    state = {
-        "params": {"encoder": None, "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1])},
-        "norm": common.normalizer_init(obs_size),
-        "decoder": init_decoder(k_decoder, obs_size, action_size, args),  # stage 0: the identity
-        "decoder_norm": common.normalizer_init(obs_size),
-    }
+    state = TrainState(
+        params={"encoder": None, "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1])},
+        norm=common.normalizer_init(obs_size),
+        decoder=init_decoder(k_decoder, obs_size, action_size, args),  # stage 0: the identity
+        decoder_norm=common.normalizer_init(obs_size),
+    )
     if args.frozen_decoder:
         source = common.load_checkpoint(args.frozen_decoder)
-        state.update(decoder=source["decoder"], decoder_norm=source["decoder_norm"])
+        state = state._replace(decoder=source["decoder"], decoder_norm=source["decoder_norm"])
         print(f"decoder frozen from {args.frozen_decoder}; no refinement in this run")
     return state
 
@@ -582,20 +608,18 @@ def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, s
     """Algorithm 1, lines 6-7: the decoder frozen, the encoder re-initialized to the prior
     N(0, I) (kept training with --no-encoder-reset); a fresh optimizer state and the stage's
     clip, gradient-norm and KL settings. The critic and normalizer carry over."""
-    params = state["params"]
+    params = state.params
     if args.encoder_reset or params["encoder"] is None:
         params = dict(params, encoder=init_encoder(key, obs_size, action_size, args))
-    return dict(state, params=params, opt_state=optimizer.init(params), hp=stage_hyperparameters(args, stage))
+    return state._replace(params=params, opt_state=optimizer.init(params), hp=stage_hyperparameters(args, stage))
 
-
-STAGE_KEYS = ("params", "norm", "decoder", "decoder_norm")
 
 
 def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
     """Stage m's encoder, critic, normalizer and the decoder it ran with. Resuming after it
     repeats only the refinement, from the same key, so the result is the same."""
     common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
-                           {**{k: state[k] for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
+                           {**{k: getattr(state, k) for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
 
 
 def main(args: Args) -> None:
@@ -620,11 +644,11 @@ def main(args: Args) -> None:
     completed = run.completed_stages() if args.resume else []
     if completed:
         saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.pkl"))
-        state = {k: saved[k] for k in STAGE_KEYS}
+        state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
         run.forget_after(step, refinement_at_step=True)
         print(f"resuming after stage {completed[-1]} at step {step:,}")
-    state["env_state"] = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
+    state = state._replace(env_state=jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs))
 
     start = time.time()
     try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -563,6 +564,21 @@ def make_sac_update(optimizer, target_entropy: float, args: Args):
 # ---------------------------------------------------------------------------------------------
 
 
+class TrainState(NamedTuple):
+    """Everything a stage trains and runs with; checkpoints hold the first four fields."""
+
+    params: dict | None  # {"encoder", "critic", "target_critic", "log_alpha"}: the stage's SAC learner
+    norm: common.Normalizer  # the encoder's and critics' observation statistics
+    decoder: list  # g_phi, frozen during a stage, refitted between stages
+    decoder_norm: common.Normalizer  # the statistics the decoder was fitted with, fixed with it
+    opt_state: Any = None  # Adam states of the encoder, the critics and log alpha
+    buffer: dict | None = None  # the stage's replay ring (emptied at every stage)
+    env_state: Any = None  # the batched training environments, mid-episode
+
+
+STAGE_KEYS = ("params", "norm", "decoder", "decoder_norm")
+
+
 def make_act(args: Args):
     """The latent policy's environment action: a = g(s, z), or a = z for plain SAC."""
     sched = diffusion_schedule(args.diffusion_steps, args.decoder_output, args.noise_schedule)
@@ -570,7 +586,7 @@ def make_act(args: Args):
     def act(state, obs, z):
         if args.plain_sac:
             return z
-        return decode(state["decoder"], common.normalize(state["decoder_norm"], obs), z, sched, args.denoised_clip)
+        return decode(state.decoder, common.normalize(state.decoder_norm, obs), z, sched, args.denoised_clip)
 
     return act
 
@@ -589,9 +605,9 @@ def make_train_chunk(env, optimizer, target_entropy: float, args: Args):
 
     def env_step(state, key):
         k_act, k_learn = jax.random.split(key)
-        env_state, norm = state["env_state"], state["norm"]
+        env_state, norm = state.env_state, state.norm
         obs = env_state.obs
-        z, _, _, _ = sample_latent(state["params"]["encoder"], common.normalize(norm, obs), k_act)
+        z, _, _, _ = sample_latent(state.params["encoder"], common.normalize(norm, obs), k_act)
         action = act(state, obs, z)
         next_env_state = env.step(env_state, action)
         truncation = next_env_state.info["truncation"]
@@ -602,11 +618,11 @@ def make_train_chunk(env, optimizer, target_entropy: float, args: Args):
             "next_obs": next_env_state.info["next_obs"],  # the true next observation, also at a reset
             "termination": next_env_state.done * (1.0 - truncation),
         }
-        buffer = replay_add(state["buffer"], transition)
+        buffer = replay_add(state.buffer, transition)
         norm = common.normalizer_update(norm, obs)
 
         # Warm-up: no gradient step until the stage's buffer holds learning_starts transitions.
-        operands = (state["params"], state["opt_state"], buffer, norm, k_learn)
+        operands = (state.params, state.opt_state, buffer, norm, k_learn)
         skip_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(learn, operands)[2])
         params, opt_state, metrics = jax.lax.cond(
             buffer["size"] >= args.learning_starts, learn,
@@ -617,13 +633,13 @@ def make_train_chunk(env, optimizer, target_entropy: float, args: Args):
         info = {"learned": learned, "episodes": done.sum(),
                 "return_sum": (next_env_state.info["episode_metrics"]["sum_reward"] * done).sum(),
                 "action_abs": jnp.abs(jnp.tanh(action)).mean(), "latent_abs": jnp.abs(z).mean()}
-        state = dict(state, params=params, opt_state=opt_state, buffer=buffer, norm=norm, env_state=next_env_state)
+        state = state._replace(params=params, opt_state=opt_state, buffer=buffer, norm=norm, env_state=next_env_state)
         return state, (metrics, info)
 
     def train_chunk(state, key):
         if args.fresh_start_states:
             key, k_starts = jax.random.split(key)
-            state = dict(state, env_state=common.redraw_start_states(env, state["env_state"], k_starts))
+            state = state._replace(env_state=common.redraw_start_states(env, state.env_state, k_starts))
         state, (metrics, info) = jax.lax.scan(env_step, state, jax.random.split(key, args.chunk_length))
         n_learned = info["learned"].sum()
         # Averages over the environment steps that made gradient steps (zeros during warm-up).
@@ -635,7 +651,7 @@ def make_train_chunk(env, optimizer, target_entropy: float, args: Args):
             "train/action_abs_mean": info["action_abs"].mean(),
             "train/latent_abs_mean": info["latent_abs"].mean(),
             "sac/gradient_steps": n_learned * num_updates,
-            "buffer/size": state["buffer"]["size"],
+            "buffer/size": state.buffer["size"],
         })
         return state, metrics
 
@@ -661,7 +677,7 @@ def make_refinement(env, args: Args):
         env_state = common.reset_envs(env, k_reset, args.refine_envs)
 
         def policy(obs, key):
-            z, _, _, _ = sample_latent(state["params"]["encoder"], common.normalize(state["norm"], obs), key)
+            z, _, _, _ = sample_latent(state.params["encoder"], common.normalize(state.norm, obs), key)
             return act(state, obs, z), {}
 
         steps = args.refine_iterations * common.EPISODE_LENGTH
@@ -715,7 +731,7 @@ def make_evaluate(env, args: Args):
     @jax.jit
     def evaluate_jit(state, key, prior_latents):
         def policy(obs, key):
-            z, _ = encoder(state["params"]["encoder"], common.normalize(state["norm"], obs))
+            z, _ = encoder(state.params["encoder"], common.normalize(state.norm, obs))
             return act(state, obs, jnp.where(prior_latents, jnp.zeros_like(z), z))
 
         return evaluator(policy, key)
@@ -732,10 +748,10 @@ def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, ru
     dataset, collect_return = collect(state, k_collect)
     # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
     # state for the whole next stage, while the encoder's statistics move on.
-    decoder, metrics = fit(state["decoder"], state["norm"], dataset, k_fit)
+    decoder, metrics = fit(state.decoder, state.norm, dataset, k_fit)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
-    state = dict(state, decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state["norm"]))
+    state = state._replace(decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state.norm))
     refined_return = float(evaluate(state, k_eval, True)["eval/return"])
     metrics.update({"refine/collect_return": float(collect_return), "refine/prior_latent_return": refined_return,
                     "refine/transitions": refine_dataset_size(args), "refine/seconds": time.time() - t0})
@@ -768,14 +784,12 @@ def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, k
     over stage 1). Stage 0 runs the same way with the identity decoder and alpha = init_alpha.
     """
     params, opt_state = init_sac(key, obs_size, action_size, args, optimizer)
-    if state["params"] is not None:
-        params["log_alpha"] = state["params"]["log_alpha"]
+    if state.params is not None:
+        params["log_alpha"] = state.params["log_alpha"]
     example = {"obs": jnp.zeros((1, obs_size)), "latent": jnp.zeros((1, action_size)),
                "reward": jnp.zeros((1,)), "next_obs": jnp.zeros((1, obs_size)), "termination": jnp.zeros((1,))}
-    return dict(state, params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
+    return state._replace(params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
 
-
-STAGE_KEYS = ("params", "norm", "decoder", "decoder_norm")
 
 
 def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
@@ -783,7 +797,7 @@ def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None
     is not saved: the next stage starts with an empty one. Resuming after stage m repeats only
     the refinement, from the same key."""
     common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
-                           {**{k: state[k] for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
+                           {**{k: getattr(state, k) for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
 
 
 def main(args: Args) -> None:
@@ -804,17 +818,17 @@ def main(args: Args) -> None:
     total_steps = sum(chunks_in_stage(args, m) for m in range(len(budgets))) * per_chunk
 
     key, k_decoder, k_env = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    state = {"params": None, "norm": common.normalizer_init(obs_size), "decoder_norm": common.normalizer_init(obs_size),
-             "decoder": init_decoder(k_decoder, obs_size, action_size, args)}  # stage 0: the identity
+    state = TrainState(params=None, norm=common.normalizer_init(obs_size), decoder_norm=common.normalizer_init(obs_size),
+                       decoder=init_decoder(k_decoder, obs_size, action_size, args))  # stage 0: the identity
     step, first_stage, stage_rows = 0, 0, []
     completed = run.completed_stages() if args.resume else []
     if completed:
         saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.pkl"))
-        state = {k: saved[k] for k in STAGE_KEYS}
+        state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
         run.forget_after(step, refinement_at_step=True)
         print(f"resuming after stage {completed[-1]} at step {step:,}")
-    state["env_state"] = jax.jit(env.reset)(jax.random.split(k_env, args.num_envs))
+    state = state._replace(env_state=jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)))
 
     print(f"{args.env_name}: {'plain Gaussian SAC' if args.plain_sac else 'GoRL-SAC'}, stages "
           f"{[f'{chunks_in_stage(args, m) * per_chunk:,}' for m in range(len(budgets))]} steps, "

@@ -20,6 +20,7 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +198,15 @@ def ppo_loss(params, batch, key, args: Args):
     }
 
 
+class TrainState(NamedTuple):
+    """What one training iteration hands to the next."""
+
+    params: dict  # {"actor": ..., "critic": ...}
+    opt_state: Any
+    norm: common.Normalizer  # observation statistics, shared by actor and critic
+    env_state: Any  # the batched environments, mid-episode
+
+
 # ---------------------------------------------------------------------------------------------
 # One training iteration: rollout, advantages, minibatch epochs (all under one jit)
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +258,7 @@ def make_train_iteration(env, optimizer, args: Args):
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
         # How much of the return targets the critic explained before this iteration's epochs.
         metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
-        return (params, opt_state, norm, env_state), metrics
+        return TrainState(params, opt_state, norm, env_state), metrics
 
     return train_iteration
 
@@ -291,21 +301,18 @@ def main(args: Args) -> None:
     key, step = checkpoint["key"], int(checkpoint["step"])
 
     env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
-    state = (checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"], env_state)
+    state = TrainState(checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"], env_state)
     train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
     evaluator = common.make_evaluator(env, args.num_eval_envs)
 
     @jax.jit
     def evaluate(state, key):
-        params, _, norm, _ = state
+        params, norm = state.params, state.norm
         return evaluator(lambda obs, key: act(params, norm, obs, key, args.deterministic_eval), key)
 
     def save(state, step, key):
-        params, opt_state, norm, _ = state
-        common.save_checkpoint(
-            run.checkpoint_path("latest.pkl"),
-            {"params": params, "opt_state": opt_state, "norm": norm, "step": step, "key": key},
-        )
+        common.save_checkpoint(run.checkpoint_path("latest.pkl"), {
+            "params": state.params, "opt_state": state.opt_state, "norm": state.norm, "step": step, "key": key})
 
     start = time.time()
     try:

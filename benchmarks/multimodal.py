@@ -148,30 +148,23 @@ def train_gorl(ns, seed: int, env, built: dict):
     per_iter = gorl_fm.steps_per_iteration(args)
     key = jax.random.PRNGKey(seed)
     key, k_critic, k_decoder, k_env = jax.random.split(key, 4)
-    state = {
-        "params": {"encoder": None, "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1])},
-        "norm": common.normalizer_init(obs_size),
-        "decoder": gorl_fm.init_decoder(k_decoder, obs_size, action_size, args),
-        "decoder_norm": common.normalizer_init(obs_size),
-        "env_state": jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)),
-    }
+    state = gorl_fm.init_state(obs_size, action_size, args, k_critic, k_decoder)
+    state = state._replace(env_state=jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)))
     step, rows, samples, prior_rows = 0, [], {}, []
     for stage in range(len(args.stage_steps)):
         if stage > 0:
             key, k_collect, k_fit = jax.random.split(key, 3)
             dataset, _ = collect(state, k_collect)
-            decoder, decoder_norm, _ = fit(state["decoder"], dataset, k_fit)
-            state = dict(state, decoder=decoder, decoder_norm=decoder_norm)
+            decoder, decoder_norm, _ = fit(state.decoder, dataset, k_fit)
+            state = state._replace(decoder=decoder, decoder_norm=decoder_norm)
         key, k_encoder = jax.random.split(key)
-        params = dict(state["params"], encoder=gorl_fm.init_encoder(k_encoder, obs_size, action_size, args))
-        state = dict(state, params=params, opt_state=optimizer.init(params),
-                     hp=gorl_fm.stage_hyperparameters(args, stage))
+        state = gorl_fm.start_stage(state, optimizer, obs_size, action_size, args, stage, k_encoder)
         for _ in range(gorl_fm.iterations_in_stage(args, stage)):
             key, k_iter = jax.random.split(key)
             state, _ = train_iteration(state, k_iter)
             step += per_iter
         key, k_sample = jax.random.split(key)
-        ckpt = {k: state[k] for k in ("params", "norm", "decoder", "decoder_norm")}
+        ckpt = {k: getattr(state, k) for k in gorl_fm.STAGE_KEYS}
         actions = np.asarray(gorl_fm.sample_actions(ckpt, FIXED_OBS, k_sample, ns.num_samples, args.flow_steps))
         samples[f"S{stage}"] = actions
         rows.append({"stage": f"S{stage}", "step": step, **region_fractions(actions)})

@@ -54,12 +54,12 @@ def main(argv=None) -> None:
     env = common.make_env(args.env_name, args.impl)
     obs_size, action_size = env.observation_size, env.action_size
     key = jax.random.PRNGKey(0)
-    state = {
-        "params": {"encoder": gorl_fm.init_encoder(key, obs_size, action_size, args)},
-        "norm": common.normalizer_init(obs_size),
-        "decoder": gorl_fm.init_decoder(key, obs_size, action_size, args),
-        "decoder_norm": common.normalizer_init(obs_size),
-    }
+    state = gorl_fm.TrainState(
+        params={"encoder": gorl_fm.init_encoder(key, obs_size, action_size, args)},
+        norm=common.normalizer_init(obs_size),
+        decoder=gorl_fm.init_decoder(key, obs_size, action_size, args),
+        decoder_norm=common.normalizer_init(obs_size),
+    )
     collect, fit = gorl_fm.make_refinement(env, timed)
     print(f"{args.env_name} on {jax.devices()[0].platform}: {args.refine_episodes} episodes from "
           f"{args.refine_envs} envs; decoder {args.decoder_hidden}, batch {args.refine_batch_size} x "

@@ -38,7 +38,7 @@ def shifted_normalizer(size):
 def baseline_state(module, args, env):
     params = module.init_params(KEY, env.observation_size, env.action_size, args)
     env_state = common.reset_envs(env, jax.random.PRNGKey(1), args.num_envs)
-    return (params, ZERO_LR.init(params), shifted_normalizer(env.observation_size), env_state)
+    return module.TrainState(params, ZERO_LR.init(params), shifted_normalizer(env.observation_size), env_state)
 
 
 def gorl_state(module, args, env, optimizer, opt_state_fn):
@@ -50,12 +50,12 @@ def gorl_state(module, args, env, optimizer, opt_state_fn):
     last = encoder[-1]
     encoder = [*encoder[:-1], dict(last, w=0.3 * jax.random.normal(k_dec, last["w"].shape))]
     params = {"encoder": encoder, "critic": common.mlp_init(k_critic, [obs, *args.critic_hidden, 1])}
-    return {
-        "params": params, "opt_state": opt_state_fn(params), "hp": module.stage_hyperparameters(args, 1),
-        "norm": shifted_normalizer(obs), "decoder": module.init_decoder(k_dec, obs, act, args),
-        "decoder_norm": common.normalizer_init(obs),
-        "env_state": common.reset_envs(env, jax.random.PRNGKey(1), args.num_envs),
-    }
+    return module.TrainState(
+        params=params, opt_state=opt_state_fn(params), hp=module.stage_hyperparameters(args, 1),
+        norm=shifted_normalizer(obs), decoder=module.init_decoder(k_dec, obs, act, args),
+        decoder_norm=common.normalizer_init(obs),
+        env_state=common.reset_envs(env, jax.random.PRNGKey(1), args.num_envs),
+    )
 
 
 def run_one_iteration(algo, **overrides):
@@ -89,11 +89,8 @@ def run_one_iteration(algo, **overrides):
 
 
 def parts(algo, state):
-    """(params, normalizer, environment state) of either state layout."""
-    if isinstance(state, dict):
-        return state["params"], state["norm"], state["env_state"]
-    params, _, norm, env_state = state
-    return params, norm, env_state
+    """(params, normalizer, environment state) of any file's TrainState."""
+    return state.params, state.norm, state.env_state
 
 
 @pytest.mark.parametrize("algo", ["ppo", "fpo", "dppo", "gorl_fm", "gorl_diffusion"])
@@ -149,9 +146,9 @@ def test_the_stage_settings_in_the_state_are_the_ones_applied(module):
     free = {"clip_eps": jnp.float32(10.0), "max_grad_norm": jnp.float32(1e6), "kl_beta": jnp.float32(0.0)}
 
     def run(**hp):
-        after, metrics = iteration(dict(state, hp={**free, **hp}), jax.random.PRNGKey(2))
+        after, metrics = iteration(state._replace(hp={**free, **hp}), jax.random.PRNGKey(2))
         moved = max(float(jnp.abs(a - b).max()) for a, b in
-                    zip(jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(after["params"]["encoder"])))
+                    zip(jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(after.params["encoder"])))
         return moved, float(metrics["encoder/clip_fraction"])
 
     moved_free, clipped_free = run()
