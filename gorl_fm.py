@@ -614,12 +614,12 @@ def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, s
     return state._replace(params=params, opt_state=optimizer.init(params), hp=stage_hyperparameters(args, stage))
 
 
-
 def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
     """Stage m's encoder, critic, normalizer and the decoder it ran with. Resuming after it
     repeats only the refinement, from the same key, so the result is the same."""
+    checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
     common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
-                           {**{k: getattr(state, k) for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
+                           {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
 def main(args: Args) -> None:

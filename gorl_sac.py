@@ -791,13 +791,13 @@ def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, k
     return state._replace(params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
 
 
-
 def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
     """Stage m's encoder and critics, the normalizer and the decoder they ran with. The buffer
     is not saved: the next stage starts with an empty one. Resuming after stage m repeats only
     the refinement, from the same key."""
+    checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
     common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
-                           {**{k: getattr(state, k) for k in STAGE_KEYS}, "step": step, "key": key, "stage_rows": stage_rows})
+                           {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
 def main(args: Args) -> None:

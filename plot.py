@@ -107,12 +107,18 @@ def group_runs(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _steps_label(x, _position=None) -> str:
+    """Tick labels short enough not to collide: 150k, 1.5M."""
+    return f"{x / 1e6:g}M" if abs(x) >= 1e6 else (f"{x / 1e3:g}k" if abs(x) >= 1e3 else f"{x:g}")
+
+
 def plot_curves(run_dirs: list[str], out: str, metric: str = "eval/return", title: str | None = None) -> str:
     """One panel per task, one mean +- std curve per algorithm, stage boundaries dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = group_runs([load_run(d) for d in run_dirs])
     envs = sorted({env for env, _ in groups})
@@ -137,6 +143,7 @@ def plot_curves(run_dirs: list[str], out: str, metric: str = "eval/return", titl
                            label=f"{algo} stage ends" if i == 0 else None)
         ax.set_title(f"{env}" if title is None else f"{title}: {env}")
         ax.set_xlabel("environment steps")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_steps_label))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -251,7 +258,7 @@ def load_policy(run_dir: str, stage: int | None):
     algo = config.get("algo")
     if algo not in DENSITY_ALGOS or config.get("plain_sac"):
         name = config.get("exp_name") or algo
-        raise SystemExit(f"error: {run_dir} is a {name} run; density draws the policies of "
+        raise SystemExit(f"error: {run_dir} is a run of {name}; density draws the policies of "
                          f"{', '.join(a + '.py' for a in DENSITY_ALGOS)} runs (a Gaussian policy or a "
                          "GoRL decoder whose sampler plot.py knows)")
     if algo == "ppo":

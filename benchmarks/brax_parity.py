@@ -61,7 +61,7 @@ import ppo  # noqa: E402
 
 ROWS = {
     "brax": ("brax", None),
-    "ppo": ("ppo.py (as parity: tanh entropy, normalizer after)", {}),
+    "ppo": ("ppo.py (as parity: tanh entropy, normalizer after, cached start states)", {}),
     "entropy-gaussian": ("ppo.py, entropy gaussian", {"entropy": "gaussian"}),
     "normalizer-before": ("ppo.py, normalizer before", {"normalizer_update": "before"}),
     "fresh-start-states": ("ppo.py, fresh start states", {"fresh_start_states": True}),
@@ -137,7 +137,7 @@ def run_ppo(args: Args, row: str, seed: int) -> dict:
     key, k_init, k_env = jax.random.split(key, 3)
     params = ppo.init_params(k_init, env.observation_size, env.action_size, pargs)
     env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, pargs.num_envs)
-    state = (params, optimizer.init(params), common.normalizer_init(env.observation_size), env_state)
+    state = ppo.TrainState(params, optimizer.init(params), common.normalizer_init(env.observation_size), env_state)
     t0 = time.perf_counter()
     train_iteration = jax.jit(ppo.make_train_iteration(env, optimizer, pargs), donate_argnums=0)
     compiled = train_iteration.lower(state, key).compile()

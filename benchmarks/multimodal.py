@@ -24,7 +24,7 @@ mean of the observation noise) and counted:
 A method that represents both modes puts a large share in each mode and little in the gap; a
 unimodal Gaussian either commits to one mode or straddles both with mass in the gap.
 
-    python benchmarks/multimodal.py                      # 3 seeds, ~1 min of CPU
+    python benchmarks/multimodal.py                      # 3 seeds, ~3 min each on one CPU core
     python benchmarks/multimodal.py --seeds 1 2 3 4 5 --stage-steps 100000 100000 50000 50000
 
 Writes benchmarks/results/multimodal.md (the table) and multimodal_density.png (PC1 densities,
@@ -175,7 +175,7 @@ def train_gorl(ns, seed: int, env, built: dict):
 
 
 def build_ppo(ns, env, total_steps: int) -> dict:
-    args = ppo.Args(**shared_sizes(ns), total_timesteps=total_steps)
+    args = ppo.resolve(ppo.Args(**shared_sizes(ns), total_timesteps=total_steps))
     optimizer = optax.adam(args.learning_rate)  # ppo.main: no gradient clipping by default
     return {"args": args, "optimizer": optimizer,
             "train_iteration": jax.jit(ppo.make_train_iteration(env, optimizer, args), donate_argnums=0)}
@@ -188,8 +188,8 @@ def train_ppo(ns, seed: int, env, report_steps: list[int], built: dict) -> tuple
     key = jax.random.PRNGKey(seed)
     key, k_init, k_env = jax.random.split(key, 3)
     params = ppo.init_params(k_init, env.observation_size, env.action_size, args)
-    state = (params, optimizer.init(params), common.normalizer_init(env.observation_size),
-             jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)))
+    state = ppo.TrainState(params, optimizer.init(params), common.normalizer_init(env.observation_size),
+                           jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)))
     step, rows, samples = 0, [], {}
     for i, target in enumerate(report_steps):
         while step + per_iter <= target:

@@ -76,10 +76,10 @@ def main(argv=None) -> None:
           f"compiled in {compile_collect:.1f} s", flush=True)
 
     t0 = time.time()
-    fit_c = fit.lower(state["decoder"], dataset, key).compile()
+    fit_c = fit.lower(state.decoder, dataset, key).compile()
     compile_fit = time.time() - t0
     t0 = time.time()
-    jax.block_until_ready(fit_c(state["decoder"], dataset, key))
+    jax.block_until_ready(fit_c(state.decoder, dataset, key))
     fit_s = time.time() - t0
     per_step = fit_s / ns.timed_steps
     print(f"decoder training: {fit_s:.1f} s for {ns.timed_steps} steps ({1e3 * per_step:.1f} ms/step, "

@@ -31,9 +31,8 @@ How compilation is kept out of steps/s:
 Matching Brax's hyperparameters to ppo.py's (SPEC section 3):
   learning_rate, entropy_cost 0.01, discounting 0.995, gae_lambda 0.95, clipping_epsilon 0.2,
   reward_scaling 10, normalize_observations, unroll_length, batch_size, num_minibatches,
-  num_updates_per_batch = num_epochs, max_grad_norm None, vf_loss_coefficient = vf_coef
-  (Brax's value loss is `0.5 * vf_coefficient * mean(err^2)`, ours `vf_coef * 0.5 *
-  mean(err^2)`), networks (32,)*4 / (256,)*5 SiLU, tanh-normal policy whose scale is
+  num_updates_per_batch = num_epochs, max_grad_norm None, vf_loss_coefficient = 2 * vf_coef
+  (Brax's value loss is `0.5 * vf_coefficient * mean(err^2)`, ours `vf_coef * mean(err^2)`), networks (32,)*4 / (256,)*5 SiLU, tanh-normal policy whose scale is
   softplus(.) + 1e-3 from the network output (Brax's `tanh_normal` default; ours is the same
   Gaussian over the pre-squash action). Evaluation: 128 environments, one 1000-step episode,
   deterministic policy (`deterministic_eval=True`) in both.
@@ -146,6 +145,8 @@ def ppo_args(args: Args) -> ppo.Args:
         num_envs=args.num_envs, unroll_length=args.unroll_length, batch_size=args.batch_size,
         num_minibatches=args.num_minibatches, num_epochs=args.num_epochs,
         learning_rate=args.learning_rate, num_eval_envs=args.num_eval_envs,
+        # Every task-dependent flag given, so both trainers get the values listed above.
+        discount=0.995, clip_eps=0.2, max_grad_norm=0.0, deterministic_eval=True,
     )
 
 
@@ -234,7 +235,7 @@ def bench_ppo(args: Args) -> dict:
     key, k_init, k_env = jax.random.split(key, 3)
     params = ppo.init_params(k_init, env.observation_size, env.action_size, pargs)
     env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, pargs.num_envs)
-    state = (params, optimizer.init(params), common.normalizer_init(env.observation_size), env_state)
+    state = ppo.TrainState(params, optimizer.init(params), common.normalizer_init(env.observation_size), env_state)
     train_iteration = ppo.make_train_iteration(env, optimizer, pargs)
 
     t0 = time.perf_counter()
@@ -393,8 +394,8 @@ def bench_brax(args: Args) -> dict:
         reward_scaling=pargs.reward_scaling,
         clipping_epsilon=pargs.clip_eps,
         gae_lambda=pargs.gae_lambda,
-        max_grad_norm=pargs.max_grad_norm,
-        vf_loss_coefficient=pargs.vf_coef,
+        max_grad_norm=pargs.max_grad_norm or None,
+        vf_loss_coefficient=2 * pargs.vf_coef,  # Brax: 0.5 * vf_coefficient * MSE; ppo.py: vf_coef * MSE
         network_factory=network_factory,
         seed=pargs.seed,
         num_evals=args.num_evals,

@@ -91,7 +91,7 @@ def test_density_of_a_run_it_cannot_draw_says_why(tmp_path, capsys, algo, plain_
     with pytest.raises(SystemExit) as exc:
         plot.main(["density", run_dir, "--out", str(tmp_path / "d.png")])
     message = str(exc.value)
-    assert f"is a {exp_name or algo} run" in message and "ppo.py, gorl_fm.py, gorl_diffusion.py" in message
+    assert f"is a run of {exp_name or algo};" in message and "ppo.py, gorl_fm.py, gorl_diffusion.py" in message
     with pytest.raises(SystemExit, match="not a run folder"):
         plot.load_policy(str(tmp_path / "nowhere"), None)
 
