@@ -16,7 +16,6 @@ import glob
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -602,19 +601,89 @@ def make_evaluator(env, num_envs: int = 128, episode_length: int = EPISODE_LENGT
 # ---------------------------------------------------------------------------------------------
 
 
+# Checkpoints are .npz files read with allow_pickle=False: the arrays, plus the tree's structure
+# as JSON. Unlike a pickle, loading one cannot run code, so a checkpoint from anyone is safe to
+# open. The structure knows dicts (string keys), lists, tuples, NamedTuples (this project's and
+# optax's states, rebuilt only from those modules), None, bools, ints, floats and strings.
+CHECKPOINT_FORMAT = "gorl-checkpoint/1"
+_TREE_ENTRY = "__tree__"
+_NAMEDTUPLE_MODULES = ("common", "ppo", "fpo", "dppo", "gorl_fm", "gorl_diffusion", "gorl_sac", "optax")
+
+
+def _encode(node, arrays: dict):
+    if isinstance(node, (jax.Array, np.ndarray, np.generic)):
+        name = f"a{len(arrays)}"
+        arrays[name] = np.asarray(node)
+        return {"array": name}
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return {"value": node}
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        cls = type(node)
+        return {"namedtuple": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f: _encode(getattr(node, f), arrays) for f in node._fields}}
+    if isinstance(node, (list, tuple)):
+        return {type(node).__name__: [_encode(x, arrays) for x in node]}
+    if isinstance(node, dict) and all(isinstance(k, str) for k in node):
+        return {"dict": {k: _encode(v, arrays) for k, v in node.items()}}
+    raise TypeError(f"cannot checkpoint a {type(node).__name__}")
+
+
+def _namedtuple_class(name: str):
+    module, _, qualname = name.partition(":")
+    if module.split(".")[0] not in _NAMEDTUPLE_MODULES:
+        raise ValueError(f"a NamedTuple from module {module!r}, which checkpoints may not name")
+    cls = sys.modules.get(module) or __import__(module, fromlist=["_"])
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    if not (isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
+        raise ValueError(f"{name} is not a NamedTuple")
+    return cls
+
+
+def _decode(node: dict, arrays):
+    (kind, value), *rest = node.items()
+    if kind == "array":
+        return jnp.asarray(arrays[value])
+    if kind == "value":
+        return value
+    if kind in ("list", "tuple"):
+        items = [_decode(x, arrays) for x in value]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {k: _decode(v, arrays) for k, v in value.items()}
+    if kind == "namedtuple":
+        fields = {k: _decode(v, arrays) for k, v in node["fields"].items()}
+        return _namedtuple_class(value)(**fields)
+    raise ValueError(f"unknown node {kind!r}")
+
+
 def save_checkpoint(path: str, tree: Any) -> None:
     """Write a pytree (moved to host numpy) atomically, so an interrupt never leaves half a file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays: dict = {}
+    structure = {"format": CHECKPOINT_FORMAT, "tree": _encode(jax.device_get(tree), arrays)}
+    arrays[_TREE_ENTRY] = np.frombuffer(json.dumps(structure).encode(), dtype=np.uint8)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        pickle.dump(jax.device_get(tree), f)
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: str) -> Any:
-    with open(path, "rb") as f:
-        # Arrays back to the device; Python numbers and lists (e.g. a stage table) stay as they are.
-        return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, pickle.load(f))
+    """The pytree `save_checkpoint` wrote, arrays on the device. A file that is missing,
+    truncated, altered or not a checkpoint of this format stops with a message saying so."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        structure = json.loads(arrays.pop(_TREE_ENTRY).tobytes().decode())
+        if structure.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {structure.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        return _decode(structure["tree"], arrays)
+    except FileNotFoundError:
+        sys.exit(f"error: checkpoint {path} does not exist")
+    except Exception as e:  # zip, JSON, missing array, unknown class: one clear message
+        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}); checkpoints are "
+                 f"written by save_checkpoint as .npz, and pickles are not loaded (loading one can run code)")
 
 
 def args_from_run(args_cls, run_dir: str, **overrides):
@@ -717,9 +786,9 @@ class Run:
         print(" | ".join(parts), flush=True)
 
     def completed_stages(self) -> list[int]:
-        """Stages K with a saved checkpoints/stageK.pkl (GoRL's unit of resumption)."""
-        names = glob.glob(os.path.join(self.dir, "checkpoints", "stage*.pkl"))
-        return sorted(int(re.search(r"stage(\d+)\.pkl$", n).group(1)) for n in names)
+        """Stages K with a saved checkpoints/stageK.npz (GoRL's unit of resumption)."""
+        names = glob.glob(os.path.join(self.dir, "checkpoints", "stage*.npz"))
+        return sorted(int(re.search(r"stage(\d+)\.npz$", n).group(1)) for n in names)
 
     def write_stage_table(self, rows: list[dict]) -> None:
         """Print and save (stages.md) the evaluation return at each stage boundary: the S0..S3

@@ -300,9 +300,9 @@ def main(args: Args) -> None:
         "key": key,
     }
     if args.resume:
-        if not os.path.exists(run.checkpoint_path("latest.pkl")):
+        if not os.path.exists(run.checkpoint_path("latest.npz")):
             sys.exit(f"error: {args.resume} has no checkpoint yet (one is written at every evaluation)")
-        checkpoint = common.load_checkpoint(run.checkpoint_path("latest.pkl"))
+        checkpoint = common.load_checkpoint(run.checkpoint_path("latest.npz"))
         print(f"resuming from step {int(checkpoint['step']):,}")
         run.forget_after(int(checkpoint["step"]))
     key, step = checkpoint["key"], int(checkpoint["step"])
@@ -325,7 +325,7 @@ def main(args: Args) -> None:
         return evaluator(act, key)
 
     def save(state, step, key):
-        common.save_checkpoint(run.checkpoint_path("latest.pkl"), {
+        common.save_checkpoint(run.checkpoint_path("latest.npz"), {
             "params": state.params, "opt_state": state.opt_state, "norm": state.norm, "step": step, "key": key})
 
     start = time.time()

@@ -139,7 +139,7 @@ class Args:
     encoder_reset: bool = True
     """re-initialize the encoder to the prior at every stage (--no-encoder-reset: keep training it)"""
     frozen_decoder: str | None = None
-    """stage checkpoint (runs/.../checkpoints/stageK.pkl) whose decoder is used, frozen, in every
+    """stage checkpoint (runs/.../checkpoints/stageK.npz) whose decoder is used, frozen, in every
     stage of this run: no refinement (train a fresh encoder against an earlier run's decoder)"""
     # --- evaluation and bookkeeping
     eval_every: int = 6_000_000
@@ -203,7 +203,7 @@ def validate(args: Args) -> None:
         (args.refine_metric in ("val_loss", "val_endpoint_mse"),
          f"--refine-metric must be val_loss or val_endpoint_mse, got {args.refine_metric!r}"),
         (args.frozen_decoder is None or os.path.isfile(args.frozen_decoder),
-         f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.pkl)"),
+         f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.npz)"),
     ])
 
 
@@ -618,7 +618,7 @@ def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None
     """Stage m's encoder, critic, normalizer and the decoder it ran with. Resuming after it
     repeats only the refinement, from the same key, so the result is the same."""
     checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
-    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
+    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.npz"),
                            {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
@@ -643,7 +643,7 @@ def main(args: Args) -> None:
     step, first_stage, stage_rows = 0, 0, []
     completed = run.completed_stages() if args.resume else []
     if completed:
-        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.pkl"))
+        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.npz"))
         state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
         run.forget_after(step, refinement_at_step=True)

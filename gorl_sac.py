@@ -796,7 +796,7 @@ def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None
     is not saved: the next stage starts with an empty one. Resuming after stage m repeats only
     the refinement, from the same key."""
     checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
-    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.pkl"),
+    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.npz"),
                            {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
@@ -823,7 +823,7 @@ def main(args: Args) -> None:
     step, first_stage, stage_rows = 0, 0, []
     completed = run.completed_stages() if args.resume else []
     if completed:
-        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.pkl"))
+        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.npz"))
         state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
         run.forget_after(step, refinement_at_step=True)

@@ -9,7 +9,7 @@ curves:  runs are grouped by (env_name, exp_name) from their config.json; each s
          GoRL run's `stage` column changes (the ends of stages 0..M-1, where the decoder is
          refined) are drawn as vertical dotted lines.
 density: 10,000 actions sampled at one fixed state from the saved policy of each requested
-         stage (checkpoints/stageK.pkl; for ppo.py checkpoints/latest.pkl), projected on their
+         stage (checkpoints/stageK.npz; for ppo.py checkpoints/latest.npz), projected on their
          first principal component and smoothed with a Gaussian KDE of bandwidth factor 0.8
          (paper E.5), one curve per stage. The fixed state is "a representative stable state from
          the trained agent's trajectory": the observation after --rollout-steps steps of the
@@ -241,9 +241,9 @@ DENSITY_ALGOS = ("ppo", "gorl_fm", "gorl_diffusion")
 def load_policy(run_dir: str, stage: int | None):
     """(config, sample(obs, key, n, from_prior) -> [n, act] environment actions) of a saved policy.
 
-    GoRL runs (config algo gorl_*): checkpoints/stage{stage}.pkl through the algorithm module's
+    GoRL runs (config algo gorl_*): checkpoints/stage{stage}.npz through the algorithm module's
     `sample_actions`, its extra arguments (flow_steps, diffusion_steps, denoised_clip, ...)
-    filled from the run's config. ppo.py runs: checkpoints/latest.pkl, tanh of a Gaussian draw.
+    filled from the run's config. ppo.py runs: checkpoints/latest.npz, tanh of a Gaussian draw.
     """
     import jax
     import jax.numpy as jnp
@@ -264,7 +264,7 @@ def load_policy(run_dir: str, stage: int | None):
     if algo == "ppo":
         import ppo
 
-        state = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"))
+        state = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
 
         def sample(obs, key, n, from_prior=False):
             obs = jnp.broadcast_to(obs, (n, obs.shape[-1]))
@@ -275,9 +275,9 @@ def load_policy(run_dir: str, stage: int | None):
     module = importlib.import_module(algo)
     if stage is None:
         raise SystemExit("error: --stages is required for a staged (GoRL) run")
-    path = os.path.join(run_dir, "checkpoints", f"stage{stage}.pkl")
+    path = os.path.join(run_dir, "checkpoints", f"stage{stage}.npz")
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} does not exist (completed stages are saved as stageK.pkl)")
+        raise SystemExit(f"error: {path} does not exist (completed stages are saved as stageK.npz)")
     state = common.load_checkpoint(path)
     params = list(inspect.signature(module.sample_actions).parameters)
     extra = {p: _config_value(config[p]) for p in params[4:] if p in config}
@@ -322,7 +322,7 @@ def density_from_run(run_dir: str, stages: list[int] | None, out: str, num_sampl
 
     if not stages:
         names = os.listdir(os.path.join(run_dir, "checkpoints")) if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
-        found = sorted(int(n[5:-4]) for n in names if n.startswith("stage") and n.endswith(".pkl") and n[5:-4].isdigit())
+        found = sorted(int(n[5:-4]) for n in names if n.startswith("stage") and n.endswith(".npz") and n[5:-4].isdigit())
         stages = found or [None]  # a GoRL run: every saved stage; otherwise the run's latest policy
     policies = [(s, *load_policy(run_dir, s)) for s in stages]
     config, last = policies[-1][1], policies[-1][2]

@@ -96,7 +96,7 @@ def test_bad_ablation_values_are_rejected_before_compiling(tmp_path):
         gorl_fm.validate(gorl_fm.resolve(gorl_fm.Args(env_name="CartpoleBalance", refine_latents="posterior")))
     with pytest.raises(SystemExit, match="frozen-decoder"):
         gorl_fm.validate(gorl_fm.resolve(gorl_fm.Args(env_name="CartpoleBalance",
-                                                      frozen_decoder=str(tmp_path / "missing.pkl"))))
+                                                      frozen_decoder=str(tmp_path / "missing.npz"))))
 
 
 TINY = dict(**SMALL, env_name="CartpoleBalance", num_envs=16, batch_size=16, num_minibatches=2, unroll_length=4,
@@ -120,7 +120,7 @@ def staged_run(tmp_path, monkeypatch, name, **flags):
     gorl_fm.main(gorl_fm.Args(**TINY, runs_dir=runs_dir, **flags))
     monkeypatch.setattr(gorl_fm, "init_encoder", real_init)
     (run_dir,) = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
-    stages = [common.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{m}.pkl")) for m in (0, 1)]
+    stages = [common.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{m}.npz")) for m in (0, 1)]
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     return run_dir, stages, len(calls), rows
@@ -153,7 +153,7 @@ def test_staged_runs_encoder_latents_no_reset_and_frozen_decoder(tmp_path, monke
     assert np.abs(flat(a1["decoder_norm"]) - flat(a0["decoder_norm"])).max() > 0  # refit statistics
 
     # Run B: a fresh encoder against run A's stage-1 decoder, frozen (defaults otherwise).
-    source = os.path.join(run_a, "checkpoints", "stage1.pkl")
+    source = os.path.join(run_a, "checkpoints", "stage1.npz")
     run_b, (b0, b1), inits_b, rows_b = staged_run(tmp_path, monkeypatch, "b", seed=2, frozen_decoder=source)
     assert os.path.basename(run_b).startswith("CartpoleBalance__gorl_fm_frozen_decoder__2__")
     assert inits_b == 2  # the default: the encoder is re-initialized to the prior at every stage

@@ -562,9 +562,9 @@ def test_checkpoint_round_trip(tmp_path):
         "step": 1234,
         "key": jax.random.PRNGKey(9),
     }
-    path = str(tmp_path / "checkpoints" / "latest.pkl")
+    path = str(tmp_path / "checkpoints" / "latest.npz")
     common.save_checkpoint(path, tree)
-    assert os.listdir(tmp_path / "checkpoints") == ["latest.pkl"]  # no temporary file left
+    assert os.listdir(tmp_path / "checkpoints") == ["latest.npz"]  # no temporary file left
     loaded = common.load_checkpoint(path)
     assert jax.tree.structure(loaded) == jax.tree.structure(tree)
     assert isinstance(loaded["norm"], common.Normalizer)
@@ -575,6 +575,51 @@ def test_checkpoint_round_trip(tmp_path):
     assert int(loaded["step"]) == 1234
     common.save_checkpoint(path, {"step": 1})  # overwrites
     assert int(common.load_checkpoint(path)["step"]) == 1
+
+
+def test_checkpoint_round_trips_optimizer_states_and_python_values_bit_for_bit(tmp_path):
+    params = {"w": jnp.linspace(-1.0, 1.0, 7, dtype=jnp.float32), "layers": [{"b": jnp.ones(2)}]}
+    adam = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    injected = optax.inject_hyperparams(optax.adam)(learning_rate=3e-4)
+    grads = jax.tree.map(lambda x: 0.1 * x + 0.3, params)
+    opt_state = adam.update(grads, adam.init(params), params)[1]  # non-trivial moments
+    tree = {"opt": opt_state, "injected": injected.init(params), "rows": [{"stage": 0, "return": float("nan")}],
+            "flags": (True, None, "x"), "key": jax.random.PRNGKey(3), "step": 2**40}
+    path = str(tmp_path / "c.npz")
+    common.save_checkpoint(path, tree)
+    loaded = common.load_checkpoint(path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(tree)
+    assert type(loaded["opt"][1][0]) is type(opt_state[1][0])  # optax's own state classes
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree)):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert loaded["step"] == 2**40 and loaded["flags"] == (True, None, "x") and math.isnan(loaded["rows"][0]["return"])
+    # The state still works with the optimizer it came from.
+    adam.update(grads, loaded["opt"], params)
+
+
+def test_a_damaged_or_foreign_checkpoint_is_a_clear_error_and_runs_no_code(tmp_path):
+    import pickle
+
+    path = str(tmp_path / "c.npz")
+    common.save_checkpoint(path, {"w": jnp.arange(1000.0), "norm": common.normalizer_init(3)})
+    data = open(path, "rb").read()
+    cases = {"truncated": data[: len(data) // 2], "empty": b"", "pickle": pickle.dumps({"w": 1})}
+    # An altered structure naming a class outside the project and optax (what a pickle could run).
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    tree = arrays["__tree__"].tobytes().decode().replace("common:Normalizer", "os:system")
+    arrays["__tree__"] = np.frombuffer(tree.encode(), np.uint8)
+    np.savez(str(tmp_path / "altered.npz"), **arrays)
+    cases["altered"] = open(tmp_path / "altered.npz", "rb").read()
+    for name, content in cases.items():
+        bad = tmp_path / f"{name}.npz"
+        bad.write_bytes(content)
+        with pytest.raises(SystemExit, match="is not a readable checkpoint") as exc:
+            common.load_checkpoint(str(bad))
+        assert str(bad) in str(exc.value), name
+    with pytest.raises(SystemExit, match="does not exist"):
+        common.load_checkpoint(str(tmp_path / "missing.npz"))
 
 
 class FakeTraining:

@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import os
-import pickle
 
 import jax
 import jax.numpy as jnp
@@ -127,8 +126,7 @@ def test_smoke_run(tmp_path):
     assert [int(r["step"]) for r in rows] == [320, 640]
     assert math.isfinite(float(rows[-1]["eval/return"]))
     assert math.isfinite(float(rows[-1]["loss/total"]))
-    with open(os.path.join(run_dir, "checkpoints", "latest.pkl"), "rb") as f:
-        assert int(pickle.load(f)["step"]) == 640
+    assert int(common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))["step"]) == 640
 
 
 def _loss_batch(args, params, obs, action, extras):

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 
@@ -322,7 +321,7 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
     assert len(refine) == 1 and int(refine[0]["step"]) == 320
     assert math.isfinite(float(refine[0]["refine/loss_final"]))
     assert os.listdir(os.path.join(run_dir, "tb"))
-    ckpt = {m: common.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{m}.pkl")) for m in (0, 1)}
+    ckpt = {m: common.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{m}.npz")) for m in (0, 1)}
     assert int(ckpt[0]["step"]) == 320 and int(ckpt[1]["step"]) == 640
     # Stage 0 ran with the identity decoder (zero output layer); refinement changed it for stage 1.
     assert np.all(np.asarray(ckpt[0]["decoder"][-1]["w"]) == 0)
@@ -337,10 +336,9 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
                                   jnp.tanh(jax.random.normal(key, (256, 1))))
 
     # Resume after stage 0: the refinement and stage 1 run again from the saved key, same result.
-    os.remove(os.path.join(run_dir, "checkpoints", "stage1.pkl"))
+    os.remove(os.path.join(run_dir, "checkpoints", "stage1.npz"))
     gd.main(gd.Args(resume=run_dir))
-    with open(os.path.join(run_dir, "checkpoints", "stage1.pkl"), "rb") as f:
-        again = pickle.load(f)
+    again = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz"))
     assert int(again["step"]) == 640
     np.testing.assert_allclose(again["decoder"][-1]["w"], ckpt[1]["decoder"][-1]["w"], rtol=1e-5, atol=1e-6)
     with open(os.path.join(run_dir, "metrics.csv")) as f:

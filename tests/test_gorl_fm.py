@@ -285,7 +285,7 @@ def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
     # A run that stops after its first stage (as if killed while stage 1 was running) ...
     gorl_fm.main(gorl_fm.Args(**TINY, stage_steps=(640,), runs_dir=str(tmp_path)))
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
-    assert os.path.exists(os.path.join(run_dir, "checkpoints", "stage0.pkl"))
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "stage0.npz"))
     assert any(f.startswith("events") for f in os.listdir(os.path.join(run_dir, "tb")))
     stage0_rows = read_csv(os.path.join(run_dir, "metrics.csv"))
     # ... resumed with a second stage in its budget: stage 0 is not repeated.
@@ -304,12 +304,12 @@ def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
     # Stage 0's rows survive the resume unchanged (new columns aside).
     assert [{k: r[k] for k in stage0_rows[0]} for r in rows[: len(stage0_rows)]] == stage0_rows
     assert any(r.get("refine/loss_final") not in (None, "") for r in rows)
-    assert os.path.exists(os.path.join(run_dir, "checkpoints", "stage1.pkl"))
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "stage1.npz"))
     table = open(os.path.join(run_dir, "stages.md")).read()
     assert "| S0 |" in table and "| S1 |" in table
 
     # The density helper samples bounded actions from a saved stage.
-    saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.pkl"))
+    saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz"))
     obs = jnp.zeros(saved["norm"].mean.shape)
     actions = gorl_fm.sample_actions(saved, obs, jax.random.PRNGKey(0), 100, 10)
     assert actions.shape == (100, 1) and bool(jnp.all(jnp.abs(actions) <= 1.0))

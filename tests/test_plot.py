@@ -176,7 +176,7 @@ def saved_gorl_run(root, algo="gorl_fm", obs_size=5, act_size=1):
         }
         if stage == 1:  # a decoder that shifts every action by +1: a visibly different density
             ckpt["decoder"][-1]["b"] = jnp.ones(act_size)
-        common.save_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.pkl"), ckpt)
+        common.save_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.npz"), ckpt)
     return run_dir
 
 
@@ -211,7 +211,7 @@ def test_density_policy_of_a_ppo_run(tmp_path):
         json.dump({"algo": "ppo", **dataclasses.asdict(args)}, f)
     params = ppo.init_params(jax.random.PRNGKey(0), 5, 1, args)
     params["actor"][-1]["b"] = jnp.array([0.5, 0.0])  # mean 0.5, scale softplus(0) + 1e-3
-    common.save_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"),
+    common.save_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"),
                            {"params": params, "norm": common.normalizer_init(5), "step": 0})
     _, sample = plot.load_policy(run_dir, None)
     obs = jnp.zeros(5)

@@ -339,7 +339,7 @@ def test_run_folder_contents(first_run):
         assert 0 <= float(row["policy/clip_fraction"]) <= 1
     assert glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))
 
-    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"))
+    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
     assert set(checkpoint) == {"params", "opt_state", "norm", "step", "key"}
     assert int(checkpoint["step"]) == 2 * ITERATION
     assert float(checkpoint["norm"].count) == 2 * ITERATION  # every observation of both iterations
@@ -371,6 +371,6 @@ def test_resume_continues_from_the_checkpoint(first_run):
         assert {k: new[k] for k in old} == old  # earlier rows kept as they were
     assert float(rows[-1]["loss/total"]) != 12345.0
     assert math.isfinite(float(rows[-1]["eval/return"]))
-    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pkl"))
+    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
     assert int(checkpoint["step"]) == 3 * ITERATION
     assert float(checkpoint["norm"].count) == 3 * ITERATION  # the normalizer was restored, not reset
