@@ -834,12 +834,21 @@ def run_iterations(
     where = f"stage {stage}, " if stage is not None else ""
     last_eval = float("nan")
     last_train = float("nan")
+    seconds: list[float] = []  # of this call's iterations
+    compiles = iterate not in _started  # a later stage reuses the compiled iteration
+    if compiles and step + steps_per_iteration <= end_step:
+        _started.add(iterate)
+        print(first_iteration_notice(steps_per_iteration), flush=True)
     while step + steps_per_iteration <= end_step:
         key, k_iter, k_eval = jax.random.split(key, 3)
         t0 = time.time()
         new_carry, metrics = iterate(carry, k_iter)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        sps = steps_per_iteration / (time.time() - t0)
+        seconds.append(time.time() - t0)
+        sps = steps_per_iteration / seconds[-1]
+        if compiles and len(seconds) == 2 and seconds[0] > 2 * seconds[1]:
+            print(f"{where}the first iteration took {seconds[0]:.0f} s, the second {seconds[1]:.0f} s: "
+                  f"compilation took about {seconds[0] - seconds[1]:.0f} s", flush=True)
         check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"{where}step {step:,}")
         carry = new_carry
         step += steps_per_iteration
@@ -860,6 +869,28 @@ def run_iterations(
         run.progress(step, total_steps, sps, force=crossed or is_last, **fields,
                      train_return=last_train, eval_return=last_eval)
     return carry, key, step, last_eval
+
+
+# Training steps per second of one iteration on a 2-core CPU without a GPU (README, "On a CPU"):
+# about 1k on contact-rich tasks (HopperStand) to 5k on simple ones (CartpoleBalance).
+CPU_STEPS_PER_SECOND = (1_000, 5_000)
+_cpu_warned = False
+_started: set = set()  # the iteration functions run_iterations has run (and so compiled)
+
+
+def first_iteration_notice(steps_per_iteration: int) -> str:
+    """What the wait before the first progress line is; on a CPU with a large iteration, how long
+    one iteration will take (once per process)."""
+    global _cpu_warned
+    notice = "compiling the training iteration and running it once (the first progress line follows it) ..."
+    if jax.default_backend() == "cpu" and steps_per_iteration >= 100_000 and not _cpu_warned:
+        _cpu_warned = True
+        slow, fast = (steps_per_iteration / rate / 60 for rate in CPU_STEPS_PER_SECOND)
+        notice += (f"\nnote: JAX runs on the CPU, and one iteration is {steps_per_iteration:,} environment steps: "
+                   f"on a small CPU that takes about {fast:.0f}-{slow:.0f} min per iteration (MJX steps 1k-5k per "
+                   "second there, by task), plus compilation. The README's 'On a CPU' commands learn in minutes; "
+                   "the paper's settings want a GPU (README, 'On a GPU').")
+    return notice
 
 
 def _hms(seconds: float) -> str:

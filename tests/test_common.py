@@ -660,6 +660,23 @@ def test_run_iterations_schedule_logging_and_progress(tmp_path, capsys):
     assert all(r["stage"] == "1.0" for r in rows) and all(float(r["perf/steps_per_second"]) > 0 for r in rows)
     out = capsys.readouterr().out
     assert "step 60/65" in out and "eval_return 60.00" in out and "stage 1" in out
+    assert out.count("compiling the training iteration") == 1
+    # A second call with the same iteration function (the next stage) does not announce it again.
+    run = common.Run(FakeArgs(runs_dir=str(tmp_path / "again")), "algo")
+    common.run_iterations(run, fake.iterate, 0, jax.random.PRNGKey(0), step=0, end_step=20, steps_per_iteration=10,
+                          total_steps=20, eval_every=25, evaluate=fake.evaluate)
+    run.close()
+    assert "compiling" not in capsys.readouterr().out
+
+
+def test_first_iteration_notice_estimates_a_large_iteration_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(common, "_cpu_warned", False)
+    notice = common.first_iteration_notice(983_040)
+    assert jax.default_backend() == "cpu"
+    assert "983,040 environment steps" in notice and "3-16 min per iteration" in notice and "On a CPU" in notice
+    assert "note:" not in common.first_iteration_notice(983_040)  # once per process
+    monkeypatch.setattr(common, "_cpu_warned", False)
+    assert "note:" not in common.first_iteration_notice(7_680)  # a CPU-sized iteration needs no warning
 
 
 def test_run_iterations_stops_on_nan_and_keeps_the_last_checkpoint(tmp_path):
