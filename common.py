@@ -726,6 +726,9 @@ class Run:
                 self.rows = list(csv.DictReader(f))
         self.columns = list(self.rows[0].keys()) if self.rows else ["step", "wall_time"]
         self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        self.wandb = None
+        if getattr(args, "track", False):
+            self.wandb = _wandb_run(args, run_dir, config_path)
         # A resumed run continues the wall-clock column where it stopped.
         self.start = time.time() - (float(self.rows[-1]["wall_time"]) if self.rows else 0.0)
         self.last_print = 0.0
@@ -759,6 +762,8 @@ class Run:
         for k, v in metrics.items():
             if math.isfinite(v):
                 self.tb.add_scalar(k, v, int(step))
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if math.isfinite(v)}, step=int(step))
         self.rows.append(row)
         new = [k for k in row if k not in self.columns]
         self.columns += new
@@ -805,6 +810,22 @@ class Run:
 
     def close(self) -> None:
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(args, run_dir: str, config_path: str):
+    """A Weights & Biases run mirroring this run folder (CleanRL's --track): named and keyed by
+    the folder, so --resume continues the same W&B run. wandb is imported only here."""
+    try:
+        import wandb
+    except ImportError:
+        sys.exit("error: --track needs Weights & Biases, which requirements.txt does not install: pip install wandb")
+    with open(config_path) as f:
+        config = json.load(f)
+    name = os.path.basename(os.path.normpath(run_dir))
+    return wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=name, config=config, dir=run_dir,
+                      id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:], resume="allow")
 
 
 def run_iterations(

@@ -90,6 +90,12 @@ class Args:
     """where run folders are created"""
     exp_name: str | None = None
     """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: dppo)"""
+    track: bool = False
+    """mirror config.json and metrics.csv to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no account)"""
+    wandb_project: str = "gorl"
+    """Weights & Biases project, with --track"""
+    wandb_entity: str | None = None
+    """Weights & Biases entity (user or team), with --track; None: your default entity"""
     resume: str | None = None
     """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
 

@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -544,6 +545,29 @@ def test_experiment_name_names_the_run_folder(tmp_path):
         assert (config["algo"], config["exp_name"]) == ("algo", name)
     with pytest.raises(SystemExit, match="exp-name"):
         common.Run(FakeArgs(runs_dir=str(tmp_path), exp_name="a/b"), "algo")
+
+
+@dataclasses.dataclass
+class TrackedArgs(FakeArgs):
+    track: bool = True
+    wandb_project: str = "gorl-tests"
+    wandb_entity: str | None = None
+
+
+def test_track_without_wandb_installed_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        common.Run(TrackedArgs(runs_dir=str(tmp_path)), "algo")
+
+
+def test_track_mirrors_metrics_to_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (it is optional: pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = common.Run(TrackedArgs(runs_dir=str(tmp_path)), "algo")
+    run.log(10, {"loss/a": 1.5, "eval/return": 7.0})
+    run.close()
+    assert glob.glob(os.path.join(run.dir, "wandb", "offline-run-*", "*.wandb"))
 
 
 def test_args_from_run(tmp_path):
