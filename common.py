@@ -641,7 +641,7 @@ def _namedtuple_class(name: str):
 
 
 def _decode(node: dict, arrays):
-    (kind, value), *rest = node.items()
+    kind, value = next(iter(node.items()))  # the first key says what the node is
     if kind == "array":
         return jnp.asarray(arrays[value])
     if kind == "value":
@@ -794,6 +794,27 @@ class Run:
         """Stages K with a saved checkpoints/stageK.npz (GoRL's unit of resumption)."""
         names = glob.glob(os.path.join(self.dir, "checkpoints", "stage*.npz"))
         return sorted(int(re.search(r"stage(\d+)\.npz$", n).group(1)) for n in names)
+
+    def resume_latest(self) -> dict:
+        """--resume of a baseline: checkpoints/latest.npz, the logged rows after its step dropped."""
+        path = self.checkpoint_path("latest.npz")
+        if not os.path.exists(path):
+            sys.exit(f"error: {self.dir} has no checkpoint yet (one is written at every evaluation)")
+        checkpoint = load_checkpoint(path)
+        print(f"resuming from step {int(checkpoint['step']):,}")
+        self.forget_after(int(checkpoint["step"]))
+        return checkpoint
+
+    def resume_last_stage(self) -> tuple[int, dict] | None:
+        """--resume of a GoRL run: (K, checkpoints/stageK.npz) of its last completed stage, the
+        logged rows after it (and its refinement's, which is redone) dropped; None before any."""
+        completed = self.completed_stages()
+        if not completed:
+            return None
+        checkpoint = load_checkpoint(self.checkpoint_path(f"stage{completed[-1]}.npz"))
+        self.forget_after(checkpoint["step"], refinement_at_step=True)
+        print(f"resuming after stage {completed[-1]} at step {checkpoint['step']:,}")
+        return completed[-1], checkpoint
 
     def write_stage_table(self, rows: list[dict]) -> None:
         """Print and save (stages.md) the evaluation return at each stage boundary: the S0..S3

@@ -20,8 +20,6 @@ lambda-recursion at either, since the next row starts a new episode.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from typing import Any, NamedTuple
 
@@ -354,11 +352,7 @@ def main(args: Args) -> None:
         "key": key,
     }
     if args.resume:
-        if not os.path.exists(run.checkpoint_path("latest.npz")):
-            sys.exit(f"error: {args.resume} has no checkpoint yet (one is written at every evaluation)")
-        checkpoint = common.load_checkpoint(run.checkpoint_path("latest.npz"))
-        print(f"resuming from step {int(checkpoint['step']):,}")
-        run.forget_after(int(checkpoint["step"]))
+        checkpoint = run.resume_latest()
     key, step = checkpoint["key"], int(checkpoint["step"])
 
     env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)

@@ -806,13 +806,11 @@ def main(args: Args) -> None:
     key, k_critic, k_decoder, k_env = jax.random.split(jax.random.PRNGKey(args.seed), 4)
     state = init_state(obs_size, action_size, args, k_critic, k_decoder)
     step, first_stage, stage_rows = 0, 0, []
-    completed = run.completed_stages() if args.resume else []
-    if completed:
-        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.npz"))
+    resumed = run.resume_last_stage() if args.resume else None
+    if resumed:
+        last, saved = resumed
         state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
-        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
-        run.forget_after(step, refinement_at_step=True)
-        print(f"resuming after stage {completed[-1]} at step {step:,}")
+        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], last + 1
     state = state._replace(env_state=jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs))
 
     start = time.time()

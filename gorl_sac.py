@@ -827,13 +827,11 @@ def main(args: Args) -> None:
     state = TrainState(params=None, norm=common.normalizer_init(obs_size), decoder_norm=common.normalizer_init(obs_size),
                        decoder=init_decoder(k_decoder, obs_size, action_size, args))  # stage 0: the identity
     step, first_stage, stage_rows = 0, 0, []
-    completed = run.completed_stages() if args.resume else []
-    if completed:
-        saved = common.load_checkpoint(run.checkpoint_path(f"stage{completed[-1]}.npz"))
+    resumed = run.resume_last_stage() if args.resume else None
+    if resumed:
+        last, saved = resumed
         state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
-        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], completed[-1] + 1
-        run.forget_after(step, refinement_at_step=True)
-        print(f"resuming after stage {completed[-1]} at step {step:,}")
+        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], last + 1
     state = state._replace(env_state=jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)))
 
     print(f"{args.env_name}: {'plain Gaussian SAC' if args.plain_sac else 'GoRL-SAC'}, stages "

@@ -64,8 +64,7 @@ def run_one_iteration(algo, **overrides):
     small = dict(critic_hidden=(16,))
     if algo in ("ppo", "fpo", "dppo"):
         module = {"ppo": ppo, "fpo": fpo, "dppo": dppo}[algo]
-        args = module.Args(**LAYOUT, **small, actor_hidden=(16,), **overrides)
-        args = module.resolve(args) if hasattr(module, "resolve") else args
+        args = module.resolve(module.Args(**LAYOUT, **small, actor_hidden=(16,), **overrides))
         state = baseline_state(module, args, env)
         iteration = module.make_train_iteration(env, ZERO_LR, args)
         prefix = "policy"
