@@ -155,3 +155,11 @@ def test_the_stage_settings_in_the_state_are_the_ones_applied(module):
     _, clipped_tight = run(clip_eps=jnp.float32(1e-4))
     assert moved_free > 1e-3 and moved_tiny_norm < 1e-2 * moved_free  # Adam moves ~lr per step unless the norm clip bites
     assert clipped_free == 0.0 and clipped_tight > 0.1
+
+
+def test_fresh_start_states_is_every_scripts_default():
+    """A documented departure from the release (README table, "start states"): start states are
+    redrawn at every iteration unless --no-fresh-start-states."""
+    import gorl_sac
+
+    assert all(m.Args().fresh_start_states is True for m in (ppo, fpo, dppo, gorl_fm, gorl_diffusion, gorl_sac))
