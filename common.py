@@ -698,6 +698,13 @@ def args_from_run(args_cls, run_dir: str, **overrides):
     return dataclasses.replace(args_cls(**config), **overrides)
 
 
+def run_folder_name(args, exp_name: str, stamp: str | None = None) -> str:
+    """<env>__<exp_name>__<seed>__<time>, CleanRL's run name."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", exp_name):
+        sys.exit(f"error: --exp-name {exp_name!r}: use letters, digits, '.', '_' and '-' only")
+    return f"{args.env_name}__{exp_name}__{args.seed}__{stamp or time.strftime('%Y%m%d-%H%M%S')}"
+
+
 class Run:
     """The run folder `runs/<env>__<exp_name>__<seed>__<time>/` and the console progress line.
 
@@ -706,19 +713,19 @@ class Run:
     convention). config.json records both; `plot.py curves` groups runs by the name.
     """
 
-    def __init__(self, args, algo: str, run_dir: str | None = None, default_exp_name: str | None = None):
+    def __init__(self, args, algo: str, run_dir: str | None = None, default_exp_name: str | None = None,
+                 seed_group: list[str] | None = None):
         exp_name = getattr(args, "exp_name", None) or default_exp_name or algo
         if run_dir is None:
-            if not re.fullmatch(r"[A-Za-z0-9._-]+", exp_name):
-                sys.exit(f"error: --exp-name {exp_name!r}: use letters, digits, '.', '_' and '-' only")
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = os.path.join(args.runs_dir, f"{args.env_name}__{exp_name}__{args.seed}__{stamp}")
+            run_dir = os.path.join(args.runs_dir, run_folder_name(args, exp_name))
         self.dir = run_dir
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         config_path = os.path.join(run_dir, "config.json")
         if not os.path.exists(config_path):
+            # seed_group: the folders of the seeds trained in the same process (--num-seeds).
+            group = {"seed_group": seed_group} if seed_group else {}
             with open(config_path, "w") as f:
-                json.dump({"algo": algo, **dataclasses.asdict(args), "exp_name": exp_name}, f, indent=2)
+                json.dump({"algo": algo, **dataclasses.asdict(args), "exp_name": exp_name, **group}, f, indent=2)
         self.csv_path = os.path.join(run_dir, "metrics.csv")
         self.rows: list[dict] = []
         if os.path.exists(self.csv_path):
@@ -849,8 +856,243 @@ def _wandb_run(args, run_dir: str, config_path: str):
                       id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:], resume="allow")
 
 
+# ---------------------------------------------------------------------------------------------
+# Seeds in parallel: one process trains --num-seeds seeds, sharded over the local devices
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_checks(args) -> list[tuple[bool, str]]:
+    """The --num-seeds check every script shares, for `check_args`."""
+    return [(args.num_seeds >= 1, f"--num-seeds must be at least 1, got {args.num_seeds}")]
+
+
+def start_distributed(enabled: bool) -> None:
+    """--distributed: join JAX's multi-host runtime (`jax.distributed.initialize`), which finds
+    the coordinator, the process count and this process's id in the cluster's environment
+    (SLURM, Open MPI, Kubernetes, Cloud TPU), else in JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID. Seeds need no communication: process p trains its own --num-seeds seeds,
+    seed + p * num_seeds onwards, on its own devices, into its own run folders."""
+    if enabled:
+        counts = {name: int(os.environ[var]) for name, var in
+                  (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+        jax.distributed.initialize(**counts)
+        print(f"process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} local device(s)", flush=True)
+
+
+def device_layout(num_seeds: int, num_envs: int, num_devices: int) -> str | None:
+    """Which axis is split over the devices: "seeds" when there are at least as many seeds as
+    devices, else "envs" (each seed's environments); None on one device. A layout that does not
+    split evenly stops here, before anything is compiled, with the numbers."""
+    if num_devices == 1:
+        return None
+    if num_seeds >= num_devices:
+        if num_seeds % num_devices:
+            sys.exit(f"error: --num-seeds {num_seeds} cannot be split evenly over {num_devices} devices: use a "
+                     f"multiple of {num_devices}, or fewer seeds than devices (then the environments are split)")
+        return "seeds"
+    if num_envs % num_devices:
+        sys.exit(f"error: {num_seeds} seed(s) on {num_devices} devices split each seed's environments, and "
+                 f"--num-envs {num_envs} is not a multiple of {num_devices}")
+    return "envs"
+
+
+def over_seeds(x, fmt: str = ".1f") -> str:
+    """A per-seed value for the console: the value for one seed, else the mean [min, max]."""
+    x = np.asarray(x, dtype=float).reshape(-1)
+    if x.size == 1:
+        return format(x[0], fmt)
+    return f"{format(x.mean(), fmt)} [{format(x.min(), fmt)}, {format(x.max(), fmt)}]"
+
+
+def seed_slice(tree, i: int):
+    """Seed i's part of a tree whose arrays all carry a leading seed axis (other leaves as they are)."""
+    return jax.tree.map(lambda x: x[i] if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
+
+
+def stack_seeds(trees: list, what: str):
+    """The seeds' trees in one, arrays stacked on a new leading axis; the other leaves (steps,
+    stage numbers) must agree, since the seeds train in lockstep."""
+
+    def stack(*xs):
+        if isinstance(xs[0], (jax.Array, np.ndarray, np.generic)):
+            return jnp.stack([jnp.asarray(x) for x in xs])
+        if any(x != xs[0] for x in xs):
+            sys.exit(f"error: the seeds' {what} disagree ({', '.join(map(str, xs))}); resume them one by one")
+        return xs[0]
+
+    return jax.tree.map(stack, *trees)
+
+
+class Runs:
+    """The seeds one process trains side by side (--num-seeds N: seed, seed+1, ..., seed+N-1),
+    each with an ordinary run folder, so `plot.py curves` and `--resume` see separate runs.
+
+    The whole training state carries a leading seed axis. `parallel(f)` turns a function of one
+    seed's state into one over all seeds (`jax.vmap`, then `jax.jit`): each seed computes what a
+    run with that seed alone computes. With more than one local device the seed axis is sharded
+    over them, or, with fewer seeds than devices, each seed's environments (a `Mesh` and
+    `NamedSharding`s; parameters are then replicated). `log`, `progress`, `save` and the resume
+    methods take per-seed arrays and write each seed's slice to its own folder.
+    """
+
+    def __init__(self, args, algo: str, default_exp_name: str | None = None):
+        if args.resume:
+            dirs, seeds = self._group(args.resume)
+        else:
+            first = args.seed + jax.process_index() * args.num_seeds
+            seeds = [first + i for i in range(args.num_seeds)]
+            dirs = [None] * len(seeds)
+        self.devices = jax.local_devices()
+        self.layout = device_layout(len(seeds), args.num_envs, len(self.devices))
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), ("devices",)) if self.layout else None
+        self.num_envs = args.num_envs
+        self.seeds = seeds
+        if args.resume:
+            self.runs = [Run(args_from_run(type(args), d, resume=d), algo, run_dir=d) for d in dirs]
+        else:
+            exp_name = getattr(args, "exp_name", None) or default_exp_name or algo
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            per_seed = [dataclasses.replace(args, seed=s) for s in seeds]
+            names = [run_folder_name(a, exp_name, stamp) for a in per_seed]
+            group = names if len(names) > 1 else None
+            self.runs = [Run(a, algo, run_dir=os.path.join(args.runs_dir, n), default_exp_name=default_exp_name,
+                             seed_group=group) for a, n in zip(per_seed, names)]
+        self.dir = self.runs[0].dir  # --resume of any seed's folder resumes the group
+        if self.layout:
+            print(f"{len(seeds)} seed(s) on {len(self.devices)} devices, the {self.layout} axis split", flush=True)
+
+    @staticmethod
+    def _group(run_dir: str) -> tuple[list[str], list[int]]:
+        """The folders and seeds of the seeds trained with the run in `run_dir`."""
+        path = os.path.join(run_dir, "config.json")
+        if not os.path.exists(path):
+            sys.exit(f"error: {run_dir!r} is not a run folder (no config.json)")
+        with open(path) as f:
+            config = json.load(f)
+        names = config.get("seed_group")
+        dirs = [os.path.join(os.path.dirname(os.path.normpath(run_dir)), n) for n in names] if names else [run_dir]
+        seeds = []
+        for d in dirs:
+            if not os.path.exists(os.path.join(d, "config.json")):
+                sys.exit(f"error: {run_dir} was trained with the seeds of {', '.join(names)}, and {d} is missing")
+            with open(os.path.join(d, "config.json")) as f:
+                seeds.append(json.load(f)["seed"])
+        if len(dirs) > 1:
+            print(f"resuming the {len(dirs)} seeds trained together: {', '.join(map(str, seeds))}")
+        return dirs, seeds
+
+    # -- the seed axis on the devices --------------------------------------------------------
+
+    def _shardings(self, tree):
+        """Where each leaf lives: split on the seed axis, or on the environment axis of every
+        `env_state` (seed axis first, so axis 1), everything else replicated."""
+        split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("devices"))
+        split_envs = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "devices"))
+        whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        if self.layout == "seeds":
+            return jax.tree.map(lambda x: split if np.ndim(x) else whole, tree)
+
+        def envs(x):
+            return split_envs if np.ndim(x) >= 2 and np.shape(x)[1] == self.num_envs else whole
+
+        def walk(node):
+            if isinstance(node, tuple) and hasattr(node, "_fields"):  # a NamedTuple: a TrainState, or inside one
+                return type(node)(*[jax.tree.map(envs, v) if f == "env_state" else walk(v)
+                                    for f, v in zip(node._fields, node)])
+            if isinstance(node, (tuple, list)):
+                return type(node)(walk(v) for v in node)
+            return jax.tree.map(lambda x: whole, node)
+
+        return walk(tree)
+
+    def place(self, tree):
+        """`tree` (leading seed axis) on the devices, as `parallel`'s functions expect it."""
+        return tree if self.mesh is None else jax.device_put(tree, self._shardings(tree))
+
+    def parallel(self, fn: Callable, in_axes=0, donate_argnums=()) -> Callable:
+        """`fn` of one seed, run for all seeds at once: vmapped over the leading seed axis of its
+        arguments (`in_axes` as `jax.vmap`'s) and jitted, its outputs kept on the device layout."""
+        batched = jax.vmap(fn, in_axes=in_axes)
+        if self.mesh is None:
+            return jax.jit(batched, donate_argnums=donate_argnums)
+
+        def placed(*args):
+            out = batched(*args)
+            return jax.lax.with_sharding_constraint(out, self._shardings(out))
+
+        return jax.jit(placed, donate_argnums=donate_argnums)
+
+    def keys(self) -> jax.Array:
+        """Each seed's `jax.random.PRNGKey(seed)`, stacked: [num_seeds, 2]."""
+        return self.place(jnp.stack([jax.random.PRNGKey(s) for s in self.seeds]))
+
+    def split(self, key: jax.Array, num: int = 2) -> tuple:
+        """`jax.random.split` of each seed's key: `num` arrays of [num_seeds, 2]."""
+        keys = jax.vmap(lambda k: jax.random.split(k, num))(key)
+        return tuple(keys[:, i] for i in range(num))
+
+    # -- each seed's folder ------------------------------------------------------------------
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One metrics.csv row per seed: seed i gets element i of each per-seed value (a scalar
+        goes to every seed)."""
+        metrics = {k: np.broadcast_to(np.asarray(v, dtype=float), (len(self.runs),)) for k, v in metrics.items()}
+        for i, run in enumerate(self.runs):
+            run.log(step, {k: v[i] for k, v in metrics.items()})
+
+    def progress(self, step: int, total: int, sps: float, force: bool = False, **fields) -> None:
+        """The progress line; a per-seed value shows as its mean [min, max] over seeds."""
+        fields = {k: over_seeds(v, ".2f") if isinstance(v, (jax.Array, np.ndarray)) else v for k, v in fields.items()}
+        self.runs[0].progress(step, total, sps, force, **fields)
+
+    def save(self, name: str, tree) -> None:
+        """checkpoints/<name> in each seed's folder: its slice of `tree`."""
+        for i, run in enumerate(self.runs):
+            save_checkpoint(run.checkpoint_path(name), seed_slice(tree, i))
+
+    def load(self, name: str):
+        """checkpoints/<name> of every seed, stacked and on the devices."""
+        return self.place(stack_seeds([load_checkpoint(r.checkpoint_path(name)) for r in self.runs], name))
+
+    def resume_latest(self) -> dict:
+        """--resume of a baseline: every seed's checkpoints/latest.npz, rows after its step dropped."""
+        for run in self.runs:
+            if not os.path.exists(run.checkpoint_path("latest.npz")):
+                sys.exit(f"error: {run.dir} has no checkpoint yet (one is written at every evaluation)")
+        checkpoint = self.load("latest.npz")
+        step = int(checkpoint["step"])
+        for run in self.runs:
+            run.forget_after(step)
+        print(f"resuming from step {step:,}")
+        return checkpoint
+
+    def resume_last_stage(self) -> tuple[int, dict] | None:
+        """--resume of a GoRL run: (K, stageK.npz of every seed) for the last stage all seeds
+        completed, the rows after it (and its refinement's, which is redone) dropped; None before any."""
+        completed = [run.completed_stages() for run in self.runs]
+        if not all(completed):
+            return None
+        last = min(c[-1] for c in completed)
+        checkpoint = self.load(f"stage{last}.npz")
+        for run in self.runs:
+            run.forget_after(checkpoint["step"], refinement_at_step=True)
+        print(f"resuming after stage {last} at step {checkpoint['step']:,}")
+        return last, checkpoint
+
+    def write_stage_table(self, rows: list[dict]) -> None:
+        for i, run in enumerate(self.runs):
+            if len(self.runs) > 1:
+                print(f"seed {self.seeds[i]} ({run.dir}):")
+            run.write_stage_table(seed_slice(rows, i))
+
+    def close(self) -> None:
+        for run in self.runs:
+            run.close()
+
+
 def run_iterations(
-    run: Run,
+    runs: Runs,
     iterate: Callable,
     carry: Any,
     key: jax.Array,
@@ -866,50 +1108,52 @@ def run_iterations(
 ):
     """The host-side loop over jitted training iterations, from `step` to `end_step`.
 
-    `iterate(carry, key) -> (carry, metrics)` is one jitted iteration (rollout + update);
-    metrics come back to the host once per iteration. Losses are checked for NaN. Whenever
-    the global step crosses a multiple of `eval_every` (and at `end_step`), `evaluate(carry,
-    key)` runs (a dict of "eval/..." metrics with "eval/return", as `make_evaluator` gives) and
-    `on_eval(carry, step, key)` may save a checkpoint. Returns (carry, key, step,
-    last evaluation return).
+    `iterate(carry, key) -> (carry, metrics)` is one jitted iteration (rollout + update) of
+    every seed (`Runs.parallel`: `carry`, `key` [num_seeds, 2] and the metrics carry a leading
+    seed axis); metrics come back to the host once per iteration. Losses are checked for NaN.
+    Whenever the global step crosses a multiple of `eval_every` (and at `end_step`),
+    `evaluate(carry, key)` runs (a dict of "eval/..." metrics with "eval/return", as
+    `make_evaluator` gives) and `on_eval(carry, step, key)` may save checkpoints. Returns
+    (carry, key, step, last evaluation return of each seed).
     """
     where = f"stage {stage}, " if stage is not None else ""
-    last_eval = float("nan")
-    last_train = float("nan")
+    last_eval = np.full(len(runs.seeds), np.nan)
+    last_train = np.full(len(runs.seeds), np.nan)
     seconds: list[float] = []  # of this call's iterations
     compiles = iterate not in _started  # a later stage reuses the compiled iteration
     if compiles and step + steps_per_iteration <= end_step:
         _started.add(iterate)
-        print(first_iteration_notice(steps_per_iteration), flush=True)
+        print(first_iteration_notice(steps_per_iteration * len(runs.seeds)), flush=True)
     while step + steps_per_iteration <= end_step:
-        key, k_iter, k_eval = jax.random.split(key, 3)
+        key, k_iter, k_eval = runs.split(key, 3)
         t0 = time.time()
         new_carry, metrics = iterate(carry, k_iter)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: np.asarray(v, dtype=float) for k, v in jax.device_get(metrics).items()}
         seconds.append(time.time() - t0)
-        sps = steps_per_iteration / seconds[-1]
+        sps = steps_per_iteration / seconds[-1]  # each seed's; the progress line shows all seeds'
         if compiles and len(seconds) == 2 and seconds[0] > 2 * seconds[1]:
             print(f"{where}the first iteration took {seconds[0]:.0f} s, the second {seconds[1]:.0f} s: "
                   f"compilation took about {seconds[0] - seconds[1]:.0f} s", flush=True)
         check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"{where}step {step:,}")
         carry = new_carry
         step += steps_per_iteration
-        if math.isfinite(metrics.get("train/episode_return", math.nan)):
-            last_train = metrics["train/episode_return"]
+        if "train/episode_return" in metrics:
+            new = metrics["train/episode_return"]
+            last_train = np.where(np.isfinite(new), new, last_train)
         metrics["perf/steps_per_second"] = sps
         if stage is not None:
             metrics["stage"] = stage
         crossed = step // eval_every > (step - steps_per_iteration) // eval_every
         is_last = step + steps_per_iteration > end_step
         if crossed or is_last:
-            metrics.update({k: float(v) for k, v in jax.device_get(evaluate(carry, k_eval)).items()})
+            metrics.update({k: np.asarray(v, dtype=float) for k, v in jax.device_get(evaluate(carry, k_eval)).items()})
             last_eval = metrics["eval/return"]
             if on_eval is not None:
                 on_eval(carry, step, key)
-        run.log(step, metrics)
+        runs.log(step, metrics)
         fields = {"stage": stage} if stage is not None else {}
-        run.progress(step, total_steps, sps, force=crossed or is_last, **fields,
-                     train_return=last_train, eval_return=last_eval)
+        runs.progress(step, total_steps, sps * len(runs.seeds), force=crossed or is_last, **fields,
+                      train_return=last_train, eval_return=last_eval)
     return carry, key, step, last_eval
 
 

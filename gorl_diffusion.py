@@ -45,6 +45,10 @@ class Args:
     """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
     seed: int = 1
     """random seed"""
+    num_seeds: int = 1
+    """seeds trained side by side in this process: seed, seed+1, ..., each with its own run folder"""
+    distributed: bool = False
+    """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
     stage_steps: tuple[int, ...] | None = None
@@ -218,6 +222,7 @@ def validate(args: Args) -> None:
     per_iter = steps_per_iteration(args)
     common.check_args([
         *common.ppo_layout_checks(args),
+        *common.seed_checks(args),
         (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
         (all(n >= per_iter for n in args.stage_steps),
          f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
@@ -697,27 +702,29 @@ def make_refinement(env, args: Args):
     return jax.jit(collect), jax.jit(fit)
 
 
-def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, run):
+def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, runs):
     """Between stage m-1 and stage m (Algorithm 1): freeze the encoder, collect fresh episodes
     with it and the current decoder, fit the decoder to map the prior onto those actions (Eq. 4),
-    and check it: the return of the refined decoder under the prior's mean latent."""
-    k_collect, k_fit, k_eval = jax.random.split(key, 3)
+    and check it: the return of the refined decoder under the prior's mean latent. Every seed at
+    once (`collect`, `fit` and `evaluate` map over the seed axis of `state` and `key`)."""
+    k_collect, k_fit, k_eval = runs.split(key, 3)
     t0 = time.time()
     dataset, collect_return = collect(state, k_collect)
     decoder, decoder_norm, metrics = fit(state.decoder, dataset, k_fit)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = jax.device_get(metrics)
     common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
     # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
     # state for the whole next stage, while the encoder's statistics move on.
     state = state._replace(decoder=decoder, decoder_norm=decoder_norm)
-    refined_return = float(evaluate(state, k_eval, True)["eval/return"])
-    metrics.update({"refine/collect_return": float(collect_return), "refine/prior_latent_return": refined_return,
-                    "refine/seconds": time.time() - t0})
-    run.log(step, metrics)
-    print(f"refined decoder before stage {stage}: validation {metrics['refine/val_initial']:.4f} -> "
-          f"{metrics['refine/val_best']:.4f} (best at step {int(metrics['refine/best_step']):,}), "
-          f"collection return {metrics['refine/collect_return']:.1f}, eval return with prior latents "
-          f"{refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
+    refined_return = jax.device_get(evaluate(state, k_eval, True)["eval/return"])
+    metrics.update({"refine/collect_return": jax.device_get(collect_return),
+                    "refine/prior_latent_return": refined_return, "refine/seconds": time.time() - t0})
+    runs.log(step, metrics)
+    print(f"refined decoder before stage {stage}: validation {common.over_seeds(metrics['refine/val_initial'], '.4f')}"
+          f" -> {common.over_seeds(metrics['refine/val_best'], '.4f')} (best at step "
+          f"{common.over_seeds(metrics['refine/best_step'], ',.0f')}), collection return "
+          f"{common.over_seeds(metrics['refine/collect_return'])}, eval return with prior latents "
+          f"{common.over_seeds(refined_return)} ({metrics['refine/seconds']:.0f}s)")
     return state, refined_return
 
 
@@ -779,12 +786,11 @@ def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, s
                           hp=stage_hyperparameters(args, stage))
 
 
-def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
-    """Stage m's encoder, critic, normalizer and the decoder it ran with. Resuming after it
-    repeats only the refinement, from the same key, so the result is the same."""
+def save_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> None:
+    """Stage m's encoder, critic, normalizer and the decoder it ran with, in each seed's folder.
+    Resuming after it repeats only the refinement, from the same key, so the result is the same."""
     checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
-    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.npz"),
-                           {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
+    runs.save(f"stage{stage}.npz", {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
 def main(args: Args) -> None:
@@ -792,52 +798,61 @@ def main(args: Args) -> None:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)
     validate(args)
+    common.start_distributed(args.distributed)
 
     env = common.make_env(args.env_name, args.impl)
     obs_size, action_size = env.observation_size, env.action_size
-    run = common.Run(args, "gorl_diffusion", run_dir=args.resume, default_exp_name=experiment_name(args))
+    runs = common.Runs(args, "gorl_diffusion", default_exp_name=experiment_name(args))  # a run folder per seed
     optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=args.learning_rate[0])
-    train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
-    collect, fit = make_refinement(env, args)
-    evaluate = make_evaluate(env, args)
     per_iter = steps_per_iteration(args)
     total_steps = sum(iterations_in_stage(args, m) for m in range(len(args.stage_steps))) * per_iter
 
-    key, k_critic, k_decoder, k_env = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    state = init_state(obs_size, action_size, args, k_critic, k_decoder)
+    def init(key):
+        key, k_critic, k_decoder, k_env = jax.random.split(key, 4)
+        state = init_state(obs_size, action_size, args, k_critic, k_decoder)
+        return state._replace(env_state=common.reset_envs(env, k_env, args.num_envs)), key
+
+    # Every seed at once: each function below maps one seed's state over the leading seed axis.
+    state, key = runs.parallel(init)(runs.keys())
+    train_iteration = runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    collect, fit = (runs.parallel(f) for f in make_refinement(env, args))
+    evaluate = runs.parallel(make_evaluate(env, args), in_axes=(0, 0, None))  # (state, key, prior_latents)
+
     step, first_stage, stage_rows = 0, 0, []
-    resumed = run.resume_last_stage() if args.resume else None
+    resumed = runs.resume_last_stage() if args.resume else None
     if resumed:
         last, saved = resumed
-        state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
+        state = state._replace(**{k: saved[k] for k in STAGE_KEYS})
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], last + 1
-    state = state._replace(env_state=jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs))
 
     start = time.time()
     try:
         for stage in range(first_stage, len(args.stage_steps)):  # Algorithm 1, line 4
             if stage > 0 and args.frozen_decoder is None:  # phase 2 of the previous stage, lines 14-18
-                key, k_refine = jax.random.split(key)
+                key, k_refine = runs.split(key)
                 state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
-                    state, collect, fit, evaluate, k_refine, stage, step, run)
-            key, k_encoder = jax.random.split(key)
-            state = start_stage(state, optimizer, obs_size, action_size, args, stage, k_encoder)
+                    state, collect, fit, evaluate, k_refine, stage, step, runs)
+            key, k_encoder = runs.split(key)
+            state = runs.parallel(
+                lambda state, key: start_stage(state, optimizer, obs_size, action_size, args, stage, key))(state, k_encoder)
             end_step = step + iterations_in_stage(args, stage) * per_iter
             print(f"stage {stage}: latent PPO from step {step:,} to {end_step:,}")
             state, key, step, stage_return = common.run_iterations(  # lines 9-13: latent PPO
-                run, train_iteration, state, key, step=step, end_step=end_step, steps_per_iteration=per_iter,
-                total_steps=total_steps, eval_every=args.eval_every, evaluate=evaluate, stage=stage,
+                runs, train_iteration, state, key, step=step, end_step=end_step, steps_per_iteration=per_iter,
+                total_steps=total_steps, eval_every=args.eval_every, evaluate=lambda s, k: evaluate(s, k, False),
+                stage=stage,
             )
             stage_rows.append({"stage": stage, "step": step, "return": stage_return})
-            save_stage(run, state, stage, step, key, stage_rows)
+            save_stage(runs, state, stage, step, key, stage_rows)
     except KeyboardInterrupt:
-        print(f"interrupted; resume from the last completed stage with: python gorl_diffusion.py --resume {run.dir}")
+        print(f"interrupted; resume from the last completed stage with: python gorl_diffusion.py --resume {runs.dir}")
         raise
     finally:
-        run.close()
+        runs.close()
     print(f"done: {step:,} steps in {time.time() - start:.0f}s")
-    run.write_stage_table(stage_rows)
-    print(f"run folder: {run.dir}")
+    runs.write_stage_table(stage_rows)
+    for run in runs.runs:
+        print(f"run folder: {run.dir}")
 
 
 if __name__ == "__main__":

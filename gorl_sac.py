@@ -46,6 +46,10 @@ class Args:
     """task: Hopper, Walker2d, HalfCheetah (Brax MJX ports of the paper's Gym tasks) or a DMC task"""
     seed: int = 1
     """random seed"""
+    num_seeds: int = 1
+    """seeds trained side by side in this process: seed, seed+1, ..., each with its own run folder"""
+    distributed: bool = False
+    """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend of DMC tasks: jax (MJX) or warp (MuJoCo Warp); the Gym tasks are MJX only"""
     stage_steps: tuple[int, ...] = (2_000_000, 1_000_000, 1_000_000)
@@ -188,6 +192,7 @@ def validate(args: Args) -> None:
     updates = args.utd_ratio * args.num_envs
     common.check_args([
         env_name_check(args.env_name),
+        *common.seed_checks(args),
         (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
         (args.impl == "jax" or args.env_name not in GYM_TASKS,
          f"--impl {args.impl} applies to DMC tasks only; {args.env_name} runs on Brax's MJX backend"),
@@ -745,25 +750,27 @@ def make_evaluate(env, args: Args):
     return lambda state, key, prior_latents=False: evaluate_jit(state, key, jnp.asarray(prior_latents))
 
 
-def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, run, args: Args):
+def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, runs, args: Args):
     """Between stage m-1 and stage m (Algorithm 1, lines 14-18): freeze the encoder, collect
     fresh rollouts with it and the current decoder, fit the decoder to map the prior onto those
-    actions (Eq. 4), and check it: the return of the refined decoder under the prior's mean."""
-    k_collect, k_fit, k_eval = jax.random.split(key, 3)
+    actions (Eq. 4), and check it: the return of the refined decoder under the prior's mean.
+    Every seed at once (`collect`, `fit` and `evaluate` map over the seed axis)."""
+    k_collect, k_fit, k_eval = runs.split(key, 3)
     t0 = time.time()
     dataset, collect_return = collect(state, k_collect)
     # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
     # state for the whole next stage, while the encoder's statistics move on.
     decoder, metrics = fit(state.decoder, state.norm, dataset, k_fit)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = jax.device_get(metrics)
     common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
     state = state._replace(decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state.norm))
-    refined_return = float(evaluate(state, k_eval, True)["eval/return"])
-    metrics.update({"refine/collect_return": float(collect_return), "refine/prior_latent_return": refined_return,
+    refined_return = jax.device_get(evaluate(state, k_eval, True)["eval/return"])
+    metrics.update({"refine/collect_return": jax.device_get(collect_return),
+                    "refine/prior_latent_return": refined_return,
                     "refine/transitions": refine_dataset_size(args), "refine/seconds": time.time() - t0})
-    run.log(step, metrics)
-    print(f"refined decoder before stage {stage}: denoising loss {metrics['refine/loss_final']:.4f}, "
-          f"eval return with prior latents {refined_return:.1f} ({metrics['refine/seconds']:.0f}s)")
+    runs.log(step, metrics)
+    print(f"refined decoder before stage {stage}: denoising loss {common.over_seeds(metrics['refine/loss_final'], '.4f')}, "
+          f"eval return with prior latents {common.over_seeds(refined_return)} ({metrics['refine/seconds']:.0f}s)")
     return state, refined_return
 
 
@@ -797,42 +804,47 @@ def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, k
     return state._replace(params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
 
 
-def save_stage(run, state, stage: int, step: int, key, stage_rows: list) -> None:
-    """Stage m's encoder and critics, the normalizer and the decoder they ran with. The buffer
-    is not saved: the next stage starts with an empty one. Resuming after stage m repeats only
-    the refinement, from the same key."""
+def save_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> None:
+    """Stage m's encoder and critics, the normalizer and the decoder they ran with, in each
+    seed's folder. The buffer is not saved: the next stage starts with an empty one. Resuming
+    after stage m repeats only the refinement, from the same key."""
     checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
-    common.save_checkpoint(run.checkpoint_path(f"stage{stage}.npz"),
-                           {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
+    runs.save(f"stage{stage}.npz", {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     validate(args)
+    common.start_distributed(args.distributed)
 
     env = make_env(args.env_name, args.impl)
     obs_size, action_size = env.observation_size, env.action_size
     target_entropy = -float(action_size) if args.target_entropy is None else args.target_entropy
     optimizer = optax.adam(args.learning_rate)
-    run = common.Run(args, "gorl_sac", run_dir=args.resume,
-                     default_exp_name="sac_plain" if args.plain_sac else None)
-    train_chunk = jax.jit(make_train_chunk(env, optimizer, target_entropy, args), donate_argnums=0)
-    collect, fit = make_refinement(env, args)
-    evaluate = make_evaluate(env, args)
+    runs = common.Runs(args, "gorl_sac", default_exp_name="sac_plain" if args.plain_sac else None)
     budgets, per_chunk = stage_budgets(args), steps_per_chunk(args)
     total_steps = sum(chunks_in_stage(args, m) for m in range(len(budgets))) * per_chunk
 
-    key, k_decoder, k_env = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    state = TrainState(params=None, norm=common.normalizer_init(obs_size), decoder_norm=common.normalizer_init(obs_size),
-                       decoder=init_decoder(k_decoder, obs_size, action_size, args))  # stage 0: the identity
+    def init(key):
+        key, k_decoder, k_env = jax.random.split(key, 3)
+        state = TrainState(params=None, norm=common.normalizer_init(obs_size), decoder_norm=common.normalizer_init(obs_size),
+                           decoder=init_decoder(k_decoder, obs_size, action_size, args),  # stage 0: the identity
+                           env_state=env.reset(jax.random.split(k_env, args.num_envs)))
+        return state, key
+
+    # Every seed at once: each function below maps one seed's state over the leading seed axis.
+    state, key = runs.parallel(init)(runs.keys())
+    train_chunk = runs.parallel(make_train_chunk(env, optimizer, target_entropy, args), donate_argnums=0)
+    collect, fit = (runs.parallel(f) for f in make_refinement(env, args))
+    evaluate = runs.parallel(make_evaluate(env, args), in_axes=(0, 0, None))  # (state, key, prior_latents)
+
     step, first_stage, stage_rows = 0, 0, []
-    resumed = run.resume_last_stage() if args.resume else None
+    resumed = runs.resume_last_stage() if args.resume else None
     if resumed:
         last, saved = resumed
-        state = TrainState(**{k: saved[k] for k in STAGE_KEYS})
+        state = state._replace(**{k: saved[k] for k in STAGE_KEYS})
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], last + 1
-    state = state._replace(env_state=jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)))
 
     print(f"{args.env_name}: {'plain Gaussian SAC' if args.plain_sac else 'GoRL-SAC'}, stages "
           f"{[f'{chunks_in_stage(args, m) * per_chunk:,}' for m in range(len(budgets))]} steps, "
@@ -841,27 +853,30 @@ def main(args: Args) -> None:
     try:
         for stage in range(first_stage, len(budgets)):  # Algorithm 1, line 4
             if stage > 0:  # phase 2 of the previous stage
-                key, k_refine = jax.random.split(key)
+                key, k_refine = runs.split(key)
                 state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
-                    state, collect, fit, evaluate, k_refine, stage, step, run, args)
-            key, k_sac = jax.random.split(key)
-            state = start_stage(state, optimizer, obs_size, action_size, args, k_sac)
+                    state, collect, fit, evaluate, k_refine, stage, step, runs, args)
+            key, k_sac = runs.split(key)
+            state = runs.parallel(
+                lambda state, key: start_stage(state, optimizer, obs_size, action_size, args, key))(state, k_sac)
             end_step = step + chunks_in_stage(args, stage) * per_chunk
             print(f"stage {stage}: latent SAC from step {step:,} to {end_step:,}")
             state, key, step, stage_return = common.run_iterations(  # lines 9-13: latent SAC
-                run, train_chunk, state, key, step=step, end_step=end_step, steps_per_iteration=per_chunk,
-                total_steps=total_steps, eval_every=args.eval_every, evaluate=evaluate, stage=stage,
+                runs, train_chunk, state, key, step=step, end_step=end_step, steps_per_iteration=per_chunk,
+                total_steps=total_steps, eval_every=args.eval_every, evaluate=lambda s, k: evaluate(s, k, False),
+                stage=stage,
             )
             stage_rows.append({"stage": stage, "step": step, "return": stage_return})
-            save_stage(run, state, stage, step, key, stage_rows)
+            save_stage(runs, state, stage, step, key, stage_rows)
     except KeyboardInterrupt:
-        print(f"interrupted; resume from the last completed stage with: python gorl_sac.py --resume {run.dir}")
+        print(f"interrupted; resume from the last completed stage with: python gorl_sac.py --resume {runs.dir}")
         raise
     finally:
-        run.close()
+        runs.close()
     print(f"done: {step:,} steps in {time.time() - start:.0f}s")
-    run.write_stage_table(stage_rows)
-    print(f"run folder: {run.dir}")
+    runs.write_stage_table(stage_rows)
+    for run in runs.runs:
+        print(f"run folder: {run.dir}")
 
 
 if __name__ == "__main__":

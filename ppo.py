@@ -34,6 +34,10 @@ class Args:
     """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
     seed: int = 1
     """random seed"""
+    num_seeds: int = 1
+    """seeds trained side by side in this process: seed, seed+1, ..., each with its own run folder"""
+    distributed: bool = False
+    """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
     total_timesteps: int = 180_000_000
@@ -118,6 +122,7 @@ def validate(args: Args) -> None:
     args = resolve(args)
     common.check_args([
         *common.ppo_layout_checks(args),
+        *common.seed_checks(args),
         (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
         (args.clip_eps > 0, f"--clip-eps must be positive, got {args.clip_eps}"),
         (0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}"),
@@ -278,57 +283,56 @@ def main(args: Args) -> None:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)  # config.json records the resolved values
     validate(args)
+    common.start_distributed(args.distributed)
 
     env = common.make_env(args.env_name, args.impl)
     optimizer = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
         optax.adam(args.learning_rate),
     )
-    run = common.Run(args, "ppo", run_dir=args.resume)
+    runs = common.Runs(args, "ppo")  # a run folder per seed
 
-    key = jax.random.PRNGKey(args.seed)
-    key, k_init, k_env = jax.random.split(key, 3)
-    params = init_params(k_init, env.observation_size, env.action_size, args)
-    checkpoint = {
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "norm": common.normalizer_init(env.observation_size),
-        "step": 0,
-        "key": key,
-    }
-    if args.resume:
-        checkpoint = run.resume_latest()
-    key, step = checkpoint["key"], int(checkpoint["step"])
+    def init(key):
+        key, k_init, k_env = jax.random.split(key, 3)
+        params = init_params(k_init, env.observation_size, env.action_size, args)
+        norm = common.normalizer_init(env.observation_size)
+        return TrainState(params, optimizer.init(params), norm, common.reset_envs(env, k_env, args.num_envs)), key
 
-    env_state = jax.jit(common.reset_envs, static_argnums=(0, 2))(env, k_env, args.num_envs)
-    state = TrainState(checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"], env_state)
-    train_iteration = jax.jit(make_train_iteration(env, optimizer, args), donate_argnums=0)
-    evaluator = common.make_evaluator(env, args.num_eval_envs)
-
-    @jax.jit
     def evaluate(state, key):
-        params, norm = state.params, state.norm
-        return evaluator(lambda obs, key: act(params, norm, obs, key, args.deterministic_eval), key)
+        return evaluator(lambda obs, key: act(state.params, state.norm, obs, key, args.deterministic_eval), key)
+
+    # Every seed at once: each function below maps one seed's state over the leading seed axis.
+    evaluator = common.make_evaluator(env, args.num_eval_envs)
+    state, key = runs.parallel(init)(runs.keys())
+    train_iteration = runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    evaluate = runs.parallel(evaluate)
+
+    step = 0
+    if args.resume:
+        saved = runs.resume_latest()
+        state = state._replace(params=saved["params"], opt_state=saved["opt_state"], norm=saved["norm"])
+        key, step = saved["key"], int(saved["step"])
 
     def save(state, step, key):
-        common.save_checkpoint(run.checkpoint_path("latest.npz"), {
+        runs.save("latest.npz", {
             "params": state.params, "opt_state": state.opt_state, "norm": state.norm, "step": step, "key": key})
 
     start = time.time()
     try:
         state, key, step, final_return = common.run_iterations(
-            run, train_iteration, state, key,
+            runs, train_iteration, state, key,
             step=step, end_step=args.total_timesteps, steps_per_iteration=steps_per_iteration(args),
             total_steps=args.total_timesteps, eval_every=args.eval_every, evaluate=evaluate,
             on_eval=save,
         )
     except KeyboardInterrupt:
-        print(f"interrupted; resume with: python ppo.py --resume {run.dir}")
+        print(f"interrupted; resume with: python ppo.py --resume {runs.dir}")
         raise
     finally:
-        run.close()
-    print(f"done: {step:,} steps in {time.time() - start:.0f}s, final evaluation return {final_return:.1f}")
-    print(f"run folder: {run.dir}")
+        runs.close()
+    print(f"done: {step:,} steps in {time.time() - start:.0f}s, final evaluation return {common.over_seeds(final_return)}")
+    for run in runs.runs:
+        print(f"run folder: {run.dir}")
 
 
 if __name__ == "__main__":

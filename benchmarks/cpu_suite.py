@@ -72,6 +72,9 @@ def parse(argv=None):
     p.add_argument("--reuse", action="store_true",
                    help="do not train where <runs-dir>/<algo>/seed<k> already holds a finished run")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to one run")
+    p.add_argument("--seeds-in-one-process", action="store_true",
+                   help="train an algorithm's seeds in one process (--num-seeds; the seeds must be consecutive) "
+                        "instead of one process per seed")
     return p.parse_args(argv)
 
 
@@ -88,9 +91,9 @@ def stage_steps(ns) -> list[int]:
     return [c * steps_per_iteration(ns) for c in counts]
 
 
-def command(ns, algo: str, seed: int, runs_dir: str) -> list[str]:
+def command(ns, algo: str, seed: int, runs_dir: str, num_seeds: int = 1) -> list[str]:
     cmd = [sys.executable, os.path.join(ROOT, f"{algo}.py"),
-           "--env-name", ns.env_name, "--seed", str(seed), "--num-envs", str(ns.num_envs),
+           "--env-name", ns.env_name, "--seed", str(seed), "--num-seeds", str(num_seeds), "--num-envs", str(ns.num_envs),
            "--batch-size", str(ns.batch_size), "--num-minibatches", str(ns.num_minibatches),
            "--unroll-length", str(ns.unroll_length), "--num-epochs", str(ns.num_epochs),
            "--eval-every", str(ns.eval_every), "--num-eval-envs", str(ns.num_eval_envs), "--runs-dir", runs_dir]
@@ -106,21 +109,31 @@ def command(ns, algo: str, seed: int, runs_dir: str) -> list[str]:
     return cmd
 
 
-def find_run(runs_dir: str) -> str | None:
+def find_run(runs_dir: str, seed: int | None = None) -> str | None:
+    """The newest run folder in `runs_dir` (of `seed`, if given)."""
     if not os.path.isdir(runs_dir):
         return None
-    dirs = sorted(d for d in os.listdir(runs_dir) if os.path.isfile(os.path.join(runs_dir, d, "config.json")))
+    dirs = sorted(d for d in os.listdir(runs_dir) if os.path.isfile(os.path.join(runs_dir, d, "config.json"))
+                  and (seed is None or d.split("__")[2] == str(seed)))
     return os.path.join(runs_dir, dirs[-1]) if dirs else None
 
 
 def summarize(run_dir: str) -> dict:
-    """Final evaluation return, mean training steps/s (first iteration excluded), last step."""
+    """Final evaluation return, mean training steps/s (first iteration excluded), last step, and
+    for GoRL the share of each stage's final return that its refined decoder kept with prior
+    latents (refine/prior_latent_return / the stage's last eval/return)."""
     rows = plot.load_run(run_dir)["rows"]
     _, evals = plot.metric_curve(rows, "eval/return")
     steps, sps = plot.metric_curve(rows, "perf/steps_per_second")
+    kept, last_eval = [], math.nan
+    for r in rows:
+        if math.isfinite(r.get("refine/prior_latent_return", math.nan)) and last_eval > 0:
+            kept.append(r["refine/prior_latent_return"] / last_eval)
+        if math.isfinite(r.get("eval/return", math.nan)):
+            last_eval = r["eval/return"]
     return {"final_return": float(evals[-1]) if len(evals) else math.nan,
             "steps_per_second": float(np.mean(sps[1:])) if len(sps) > 1 else math.nan,
-            "steps": int(steps[-1]) if len(steps) else 0}
+            "steps": int(steps[-1]) if len(steps) else 0, "kept": kept}
 
 
 def run_all(ns) -> dict:
@@ -133,6 +146,9 @@ def run_all(ns) -> dict:
             print(f"skipping {algo}: {algo}.py is not in the repository", flush=True)
             continue
         results[algo] = []
+        if ns.seeds_in_one_process:
+            results[algo] = run_seeds_together(ns, algo, env)
+            continue
         for seed in ns.seeds:
             runs_dir = os.path.join(ns.runs_dir, algo, f"seed{seed}")
             log_path = os.path.join(ns.runs_dir, algo, f"seed{seed}.log")
@@ -164,6 +180,33 @@ def run_all(ns) -> dict:
     return results
 
 
+def run_seeds_together(ns, algo: str, env: dict) -> list[dict]:
+    """One process trains every seed (--num-seeds); each entry's wall is that process's share."""
+    runs_dir = os.path.join(ns.runs_dir, algo, "seeds_together")
+    log_path = os.path.join(ns.runs_dir, algo, "seeds_together.log")
+    os.makedirs(runs_dir, exist_ok=True)
+    cmd = command(ns, algo, ns.seeds[0], runs_dir, num_seeds=len(ns.seeds))
+    print(f"{algo} seeds {ns.seeds} in one process: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                timeout=ns.timeout * len(ns.seeds)).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        wall = time.time() - t0
+        log.write(f"\n[cpu_suite] wall_seconds {wall:.1f} returncode {rc}\n")
+    entries = []
+    for seed in ns.seeds:
+        run_dir = find_run(runs_dir, seed)
+        ok = rc == 0 and run_dir is not None
+        entries.append({"dir": run_dir, "ok": ok, "wall": wall / len(ns.seeds), **(summarize(run_dir) if run_dir else {})})
+    returns = ", ".join(f"{e['final_return']:.1f}" for e in entries if e["ok"])
+    print(f"{algo}: " + (f"returns {returns}" if rc == 0 else f"FAILED (exit {rc}); see {log_path}") + f", {wall:.0f}s",
+          flush=True)
+    return entries
+
+
 def _read_wall(log_path: str) -> float:
     try:
         for line in open(log_path):
@@ -183,22 +226,34 @@ def table(ns, results: dict) -> str:
              f"Evaluation: {ns.num_eval_envs} envs, one 1000-step episode, deterministic policy."
              + (" A persistent compilation cache was shared by the runs (later runs compile less)." if ns.compile_cache else ""),
              "",
-             "| algo | seeds ok | final eval return (mean ± std) | steps/s (training) | wall-clock per run (s) |",
-             "|---|---|---|---|---|"]
+             ("Each algorithm's seeds were trained in one process (--num-seeds)." if ns.seeds_in_one_process
+              else "One process per seed, one after another."),
+             "",
+             "| algo | seeds ok | final eval return (mean ± std) | refinement kept (min) | training steps/s "
+             "| wall-clock, all seeds (s) |",
+             "|---|---|---|---|---|---|"]
     for algo, entries in results.items():
         ok = [e for e in entries if e["ok"]]
         if not ok:
-            lines.append(f"| {algo} | 0/{len(entries)} | failed | - | - |")
+            lines.append(f"| {algo} | 0/{len(entries)} | failed | - | - | - |")
             continue
         r = np.array([e["final_return"] for e in ok])
-        sps = np.nanmean([e["steps_per_second"] for e in ok])
-        wall = np.nanmean([e["wall"] for e in ok])
-        lines.append(f"| {algo} | {len(ok)}/{len(entries)} | {r.mean():.1f} ± {r.std():.1f} | {sps:,.0f} | {wall:.0f} |")
+        # Throughput of the training: one seed's rate when the seeds run one after another, the
+        # sum of the seeds' rates when they run together.
+        rates = [e["steps_per_second"] for e in ok]
+        sps = np.nansum(rates) if ns.seeds_in_one_process else np.nanmean(rates)
+        wall = np.nansum([e["wall"] for e in ok])
+        kept = [k for e in ok for k in e.get("kept", [])]
+        kept_text = f"{100 * min(kept):.0f}%" if kept else "-"
+        lines.append(f"| {algo} | {len(ok)}/{len(entries)} | {r.mean():.1f} ± {r.std():.1f} | {kept_text} | {sps:,.0f} "
+                     f"| {wall:.0f} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     ns = parse(argv)
+    if ns.seeds_in_one_process and ns.seeds != list(range(ns.seeds[0], ns.seeds[0] + len(ns.seeds))):
+        sys.exit(f"error: --seeds-in-one-process trains consecutive seeds (--seed S --num-seeds N); got {ns.seeds}")
     results = run_all(ns)
     text = table(ns, results)
     print(text)

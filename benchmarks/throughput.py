@@ -58,6 +58,26 @@ GPU, the paper's setting (2048 environments, 32 x 1024 sequences of 30 steps, 16
         --num-minibatches 32 --unroll-length 30 --num-epochs 16 --total-timesteps 19660800 \\
         --num-evals 5 --raw-steps 1000
 
+(d) Seeds in one process (--seeds-axis 1 2 4, --two-devices; --only-seeds skips (a)-(c)): ppo.py's
+iteration for N seeds as `ppo.py --num-seeds N` builds it (common.Runs: vmapped over a leading
+seed axis, sharded over the local devices), total training steps/s of all seeds. On a CPU
+--two-devices runs in a subprocess with 2 forced CPU devices (the same cores, split in two):
+
+    python benchmarks/throughput.py --only-seeds --seeds-axis 1 2 4 --two-devices
+
+On a 2-core CPU little is to be gained: one seed already keeps both cores busy. On a GPU the
+iteration at the paper's size is 512 sequential minibatch updates (32 minibatches x 16 epochs)
+of small networks, bound by kernel-launch latency rather than arithmetic, plus MJX stepping
+2048 environments, which does not fill a large GPU on the simpler tasks: N vmapped seeds make
+each launch do N times the work at about the same latency, so we expect the total steps/s of
+2-4 seeds on one GPU to be well above one seed's (PureJaxRL saw the same), approaching N x on
+the cheap tasks and less on contact-rich ones where MJX already fills the GPU; and with several
+GPUs, the seed axis split over them, close to linear in the number of GPUs:
+
+    python benchmarks/throughput.py --env-name CheetahRun --num-envs 2048 --batch-size 1024 \\
+        --num-minibatches 32 --unroll-length 30 --num-epochs 16 --total-timesteps 19660800 \\
+        --num-evals 5 --only-seeds --seeds-axis 1 2 4 --two-devices
+
 Brax 0.14.2 with jax 0.8.2: it fails with jax 0.10 (`jax.device_put_replicated` is gone); with
 the pinned jax 0.8.2 it runs, but
   - its `training_epoch` (a `pmap`, which jax 0.8 runs as a jit over a mesh named after the pmap
@@ -137,6 +157,14 @@ class Args:
     """skip the ppo.py measurement"""
     results_dir: str | None = "benchmarks/results"
     """write a JSON of the results here, relative to the repository root (None: do not write)"""
+    seeds_axis: tuple[int, ...] = ()
+    """(d) also time ppo.py's iteration with these numbers of seeds in one process (--num-seeds),
+    e.g. 1 2 4: total training steps/s of all seeds"""
+    two_devices: bool = False
+    """(d) also time 2 seeds on 2 devices: in a subprocess with 2 forced CPU devices on a CPU,
+    on the visible devices otherwise (at least 2)"""
+    only_seeds: bool = False
+    """measure only (d): no raw stepping, ppo.py or Brax"""
 
 
 def ppo_args(args: Args) -> ppo.Args:
@@ -279,6 +307,63 @@ def bench_ppo(args: Args) -> dict:
     if args.breakdown:
         result["breakdown"] = ppo_breakdown(env, optimizer, pargs, state, key)
     return result
+
+
+def bench_seeds(args: Args, num_seeds: int) -> dict:
+    """ppo.py's iteration for `num_seeds` seeds in one process, as its main() builds it with
+    --num-seeds (common.Runs: vmapped over the seed axis, sharded over the visible devices),
+    after an AOT compile; the same host loop as (b). Total steps/s of all seeds."""
+    import tempfile
+
+    pargs = dataclasses.replace(ppo_args(args), num_seeds=num_seeds, runs_dir=tempfile.mkdtemp())
+    n_iter, _ = iterations(args)
+    env = common.make_env(pargs.env_name, pargs.impl)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(pargs.max_grad_norm) if pargs.max_grad_norm else optax.identity(),
+        optax.adam(pargs.learning_rate),
+    )
+    runs = common.Runs(pargs, "ppo")
+
+    def init(key):  # ppo.main's
+        key, k_init, k_env = jax.random.split(key, 3)
+        params = ppo.init_params(k_init, env.observation_size, env.action_size, pargs)
+        norm = common.normalizer_init(env.observation_size)
+        return ppo.TrainState(params, optimizer.init(params), norm, common.reset_envs(env, k_env, pargs.num_envs)), key
+
+    state, key = runs.parallel(init)(runs.keys())
+    t0 = time.perf_counter()
+    compiled = runs.parallel(ppo.make_train_iteration(env, optimizer, pargs), donate_argnums=0).lower(
+        state, key).compile()
+    compile_s = time.perf_counter() - t0
+    seconds = []
+    for _ in range(n_iter):
+        key, k_iter, _ = runs.split(key, 3)
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, k_iter)
+        jax.device_get(metrics)
+        seconds.append(time.perf_counter() - t0)
+    runs.close()
+    steps = n_iter * ppo.steps_per_iteration(pargs) * num_seeds
+    return {"num_seeds": num_seeds, "devices": len(runs.devices), "layout": runs.layout,
+            "steps_per_second": steps / sum(seconds), "compile_seconds": compile_s}
+
+
+def bench_two_devices(args: Args) -> dict:
+    """bench_seeds(args, 2) on 2 devices; on a CPU, in a subprocess that forces 2 CPU devices
+    (XLA_FLAGS=--xla_force_host_platform_device_count=2; JAX fixes its devices when it starts)."""
+    if jax.default_backend() != "cpu":
+        return bench_seeds(args, 2)
+    import subprocess
+
+    code = (f"import sys, json; sys.path.insert(0, {REPO!r}); from benchmarks import throughput as t; "
+            f"a = t.Args(**json.loads(sys.argv[1])); print('RESULT', json.dumps(t.bench_seeds(a, 2)))")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(args))], env=env,
+                         capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"2-device measurement failed: {out.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def ppo_breakdown(env, optimizer, pargs: ppo.Args, state, key) -> dict:
@@ -446,22 +531,29 @@ def main(args: Args) -> None:
                      "steps_per_iteration": per_iteration, "iterations": n_iter,
                      "device": str(jax.devices()[0]), "jax": jax.__version__}
 
-    print("(a) raw stepping ...", flush=True)
-    from mujoco_playground import registry, wrapper
+    if not args.only_seeds:
+        print("(a) raw stepping ...", flush=True)
+        from mujoco_playground import registry, wrapper
 
-    raw = raw_stepping({
-        "common": (common.make_env(args.env_name, "jax"), False),
-        "brax_wrapper": (wrapper.wrap_for_brax_training(
-            registry.load(args.env_name, config_overrides={"impl": "jax"})), True),
-    }, args, key)
-    results["raw_sps"], results["raw_sps_brax_wrapper"] = raw["common"], raw["brax_wrapper"]
-
-    if not args.skip_ppo:
+        raw = raw_stepping({
+            "common": (common.make_env(args.env_name, "jax"), False),
+            "brax_wrapper": (wrapper.wrap_for_brax_training(
+                registry.load(args.env_name, config_overrides={"impl": "jax"})), True),
+        }, args, key)
+        results["raw_sps"], results["raw_sps_brax_wrapper"] = raw["common"], raw["brax_wrapper"]
+    if not args.skip_ppo and not args.only_seeds:
         print("(b) ppo.py ...", flush=True)
         results["ppo"] = bench_ppo(args)
-    if not args.skip_brax:
+    if not args.skip_brax and not args.only_seeds:
         print("(c) Brax PPO ...", flush=True)
         results["brax"] = bench_brax(args)
+    results["seeds"] = []
+    for n in args.seeds_axis:
+        print(f"(d) ppo.py, {n} seed(s) in one process ...", flush=True)
+        results["seeds"].append(bench_seeds(args, n))
+    if args.two_devices:
+        print("(d) ppo.py, 2 seeds on 2 devices ...", flush=True)
+        results["seeds"].append(bench_two_devices(args))
     results["total_wall_seconds"] = time.perf_counter() - t_all
 
     report(results)
@@ -476,8 +568,10 @@ def main(args: Args) -> None:
 
 
 def report(r: dict) -> None:
-    rows = [("raw env steps/s (common.make_env)", f"{r['raw_sps']:,.0f}"),
-            ("raw env steps/s (wrap_for_brax_training)", f"{r['raw_sps_brax_wrapper']:,.0f}")]
+    rows = []
+    if "raw_sps" in r:
+        rows += [("raw env steps/s (common.make_env)", f"{r['raw_sps']:,.0f}"),
+                 ("raw env steps/s (wrap_for_brax_training)", f"{r['raw_sps_brax_wrapper']:,.0f}")]
     p, b = r.get("ppo"), r.get("brax")
     if p:
         rows += [("ppo.py steps/s", f"{p['steps_per_second']:,.0f}"),
@@ -505,6 +599,11 @@ def report(r: dict) -> None:
     if p and b:
         ratio = p["steps_per_second"] / b["steps_per_second"]
         rows += [("ratio ppo.py / Brax steps/s", f"{ratio:.3f}  (goal >= 1.2: {'met' if ratio >= 1.2 else 'NOT met'})")]
+    one = next((x["steps_per_second"] for x in r["seeds"] if x["num_seeds"] == 1 and x["devices"] == 1), None)
+    for x in r["seeds"]:
+        speedup = f" ({x['steps_per_second'] / one:.2f}x one seed)" if one else ""
+        rows.append((f"ppo.py, {x['num_seeds']} seed(s) on {x['devices']} device(s), total steps/s",
+                     f"{x['steps_per_second']:,.0f}{speedup}"))
     rows += [("budget steps | iterations", f"{r['budget_steps']:,} | {r['iterations']}"),
              ("benchmark wall time s", f"{r['total_wall_seconds']:.0f}")]
     width = max(len(k) for k, _ in rows)

@@ -646,51 +646,73 @@ def test_a_damaged_or_foreign_checkpoint_is_a_clear_error_and_runs_no_code(tmp_p
         common.load_checkpoint(str(tmp_path / "missing.npz"))
 
 
+@dataclasses.dataclass
+class SeedsArgs(FakeArgs):
+    num_seeds: int = 2
+    num_envs: int = 4
+    resume: str | None = None
+
+
 class FakeTraining:
-    """`iterate` / `evaluate` / `on_eval` for `run_iterations`, without any environment."""
+    """`iterate` / `evaluate` / `on_eval` for `run_iterations`, without any environment: the
+    carry is one counter per seed (seed i's starts at 100 i)."""
 
     def __init__(self, nan_at=None):
-        self.nan_at, self.calls, self.evals, self.saved = nan_at, 0, [], []
+        self.nan_at, self.calls, self.evals, self.saved, self.keys = nan_at, 0, [], [], []
 
     def iterate(self, carry, key):
         self.calls += 1
+        self.keys.append(np.asarray(key))
         loss = float("nan") if self.calls == self.nan_at else 1.0 / self.calls
-        return carry + 1, {"loss/total": jnp.float32(loss), "train/episode_return": jnp.float32(carry)}
+        return carry + 1, {"loss/total": jnp.full(carry.shape, loss), "train/episode_return": carry.astype(float)}
 
     def evaluate(self, carry, key):
-        self.evals.append(carry)
-        return {"eval/return": jnp.float32(10.0 * carry), "eval/episode_length": jnp.float32(carry)}
+        self.evals.append(int(carry[0]))
+        return {"eval/return": 10.0 * carry, "eval/episode_length": carry.astype(float)}
 
     def on_eval(self, carry, step, key):
-        self.saved.append((carry, step))
+        self.saved.append((int(carry[0]), step))
 
 
 def test_run_iterations_schedule_logging_and_progress(tmp_path, capsys):
-    run = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
+    runs = common.Runs(SeedsArgs(runs_dir=str(tmp_path)), "algo")
+    assert runs.seeds == [7, 8] and runs.layout is None
     fake = FakeTraining()
     carry, key, step, last_eval = common.run_iterations(
-        run, fake.iterate, 0, jax.random.PRNGKey(0), step=0, end_step=65, steps_per_iteration=10,
+        runs, fake.iterate, jnp.array([0, 100]), runs.keys(), step=0, end_step=65, steps_per_iteration=10,
         total_steps=65, eval_every=25, evaluate=fake.evaluate, on_eval=fake.on_eval, stage=1,
     )
-    run.close()
-    assert (carry, step, last_eval) == (6, 60, 60.0)
+    runs.close()
+    assert step == 60 and list(carry) == [6, 106] and list(last_eval) == [60.0, 1060.0]
+    # Each seed's keys are those a run of that seed alone splits off: seed + 1's are not seed's.
+    assert fake.keys[0].shape == (2, 2)
+    for i, seed in enumerate(runs.seeds):
+        np.testing.assert_array_equal(fake.keys[0][i], jax.random.split(jax.random.PRNGKey(seed), 3)[1])
     # Evaluations where the step crosses a multiple of 25, and after the last iteration.
     assert fake.saved == [(3, 30), (5, 50), (6, 60)] and fake.evals == [3, 5, 6]
-    rows = read_csv(run.csv_path)[1]
-    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
-    assert [r["eval/return"] for r in rows] == ["", "", "30.0", "", "50.0", "60.0"]
-    assert [r["eval/episode_length"] for r in rows] == ["", "", "3.0", "", "5.0", "6.0"]
-    assert [float(r["loss/total"]) for r in rows] == pytest.approx([1 / i for i in range(1, 7)])
-    assert all(r["stage"] == "1.0" for r in rows) and all(float(r["perf/steps_per_second"]) > 0 for r in rows)
+    for run, offset in zip(runs.runs, (0, 1000)):
+        assert os.path.basename(run.dir).startswith(f"CartpoleBalance__algo__{7 + offset // 1000}__")
+        rows = read_csv(run.csv_path)[1]
+        assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
+        assert [r["eval/return"] for r in rows] == ["", "", *[f"{offset + 10 * c}.0" if c in (3, 5, 6) else ""
+                                                            for c in (3, 4, 5, 6)]]
+        assert [float(r["loss/total"]) for r in rows] == pytest.approx([1 / i for i in range(1, 7)])
+        assert all(r["stage"] == "1.0" for r in rows) and all(float(r["perf/steps_per_second"]) > 0 for r in rows)
+        with open(os.path.join(run.dir, "config.json")) as f:
+            config = json.load(f)
+        assert config["seed"] == 7 + offset // 1000 and config["num_seeds"] == 2
+        assert config["seed_group"] == [os.path.basename(r.dir) for r in runs.runs]
     out = capsys.readouterr().out
-    assert "step 60/65" in out and "eval_return 60.00" in out and "stage 1" in out
+    # The progress line: the mean over seeds, then [min, max].
+    assert "step 60/65" in out and "eval_return 560.00 [60.00, 1060.00]" in out and "stage 1" in out
     assert out.count("compiling the training iteration") == 1
     # A second call with the same iteration function (the next stage) does not announce it again.
-    run = common.Run(FakeArgs(runs_dir=str(tmp_path / "again")), "algo")
-    common.run_iterations(run, fake.iterate, 0, jax.random.PRNGKey(0), step=0, end_step=20, steps_per_iteration=10,
-                          total_steps=20, eval_every=25, evaluate=fake.evaluate)
-    run.close()
-    assert "compiling" not in capsys.readouterr().out
+    runs = common.Runs(SeedsArgs(runs_dir=str(tmp_path / "again"), num_seeds=1), "algo")
+    common.run_iterations(runs, fake.iterate, jnp.array([0]), runs.keys(), step=0, end_step=20,
+                          steps_per_iteration=10, total_steps=20, eval_every=25, evaluate=fake.evaluate)
+    runs.close()
+    out = capsys.readouterr().out
+    assert "compiling" not in out and "eval_return 20.00 |" in out  # one seed: the plain value
 
 
 def test_first_iteration_notice_estimates_a_large_iteration_on_the_cpu(monkeypatch):
@@ -704,16 +726,16 @@ def test_first_iteration_notice_estimates_a_large_iteration_on_the_cpu(monkeypat
 
 
 def test_run_iterations_stops_on_nan_and_keeps_the_last_checkpoint(tmp_path):
-    run = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
+    runs = common.Runs(SeedsArgs(runs_dir=str(tmp_path), num_seeds=1), "algo")
     fake = FakeTraining(nan_at=3)
     with pytest.raises(FloatingPointError, match="loss/total.*stage 2, step 20"):
         common.run_iterations(
-            run, fake.iterate, 0, jax.random.PRNGKey(0), step=0, end_step=100, steps_per_iteration=10,
+            runs, fake.iterate, jnp.array([0]), runs.keys(), step=0, end_step=100, steps_per_iteration=10,
             total_steps=100, eval_every=10, evaluate=fake.evaluate, on_eval=fake.on_eval, stage=2,
         )
-    run.close()
+    runs.close()
     assert fake.saved == [(1, 10), (2, 20)]  # nothing saved after the NaN
-    assert [int(r["step"]) for r in read_csv(run.csv_path)[1]] == [10, 20]
+    assert [int(r["step"]) for r in read_csv(runs.runs[0].csv_path)[1]] == [10, 20]
 
 
 def test_check_finite_names_the_loss_and_place():
