@@ -2,6 +2,7 @@
 
     python plot.py curves runs/CartpoleBalance__ppo__1__* runs/CartpoleBalance__gorl_fm__* --out curves.png
     python plot.py density runs/HopperStand__gorl_fm__1__... --stages 0 1 2 3 --out density.png
+    python plot.py video runs/HopperStand__gorl_fm__1__...            # RUN_DIR/video.mp4
 
 curves:  runs are grouped by (env_name, exp_name) from their config.json; each seed's `eval/return`
          (or --metric) is interpolated onto a common step grid and drawn as the mean over seeds
@@ -15,9 +16,14 @@ density: 10,000 actions sampled at one fixed state from the saved policy of each
          the trained agent's trajectory": the observation after --rollout-steps steps of the
          last listed stage's policy from a reset of the run's task with --state-seed
          (--rollout-steps 0: the first observation of that reset).
+video:   one evaluation episode of the deterministic policy (the mean action; GoRL: the encoder's
+         mean latent through the decoder), rendered offscreen by the task's own `render` and
+         written as an MP4 (a GIF without an MP4 encoder). A GoRL run shows one clip per saved
+         stage, side by side, all from the same start state.
 
 This is a tool, not an algorithm file: it imports the algorithm module named by a run's config
-("algo") to sample its policy. Only numpy and matplotlib draw (no seaborn / sklearn).
+("algo") to run its policy. Only numpy and matplotlib draw figures (no seaborn / sklearn);
+videos are rendered by MuJoCo, labelled with Pillow and encoded by imageio-ffmpeg's ffmpeg.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ import inspect
 import json
 import math
 import os
+import subprocess
+import sys
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -250,11 +259,7 @@ def load_policy(run_dir: str, stage: int | None):
 
     import common
 
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
-    with open(path) as f:
-        config = json.load(f)
+    config = run_config(run_dir)
     algo = config.get("algo")
     if algo not in DENSITY_ALGOS or config.get("plain_sac"):
         name = config.get("exp_name") or algo
@@ -286,6 +291,20 @@ def load_policy(run_dir: str, stage: int | None):
         return module.sample_actions(state, obs, key, n, from_prior=from_prior, **extra)
 
     return config, sample
+
+
+def run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def saved_stages(run_dir: str) -> list[int]:
+    """K of every checkpoints/stageK.npz, in order: the completed stages of a GoRL run."""
+    names = os.listdir(os.path.join(run_dir, "checkpoints")) if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
+    return sorted(int(n[5:-4]) for n in names if n.startswith("stage") and n.endswith(".npz") and n[5:-4].isdigit())
 
 
 def _config_value(v):
@@ -321,9 +340,7 @@ def density_from_run(run_dir: str, stages: list[int] | None, out: str, num_sampl
     import jax.numpy as jnp
 
     if not stages:
-        names = os.listdir(os.path.join(run_dir, "checkpoints")) if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
-        found = sorted(int(n[5:-4]) for n in names if n.startswith("stage") and n.endswith(".npz") and n[5:-4].isdigit())
-        stages = found or [None]  # a GoRL run: every saved stage; otherwise the run's latest policy
+        stages = saved_stages(run_dir) or [None]  # a GoRL run: every saved stage; otherwise the run's latest policy
     policies = [(s, *load_policy(run_dir, s)) for s in stages]
     config, last = policies[-1][1], policies[-1][2]
     obs = jnp.asarray(pick_state(config, last, rollout_steps, state_seed))
@@ -334,6 +351,253 @@ def density_from_run(run_dir: str, stages: list[int] | None, out: str, num_sampl
     where = f"state after {rollout_steps} steps" if rollout_steps else "first state of a reset"
     title = f"{config['env_name']}, {config['algo']}\n{num_samples:,} actions at one state ({where})"
     return plot_density(sets, out, bw_factor, shared_axis, title)
+
+
+# ---------------------------------------------------------------------------------------------
+# Video: one evaluation episode of the deterministic policy, rendered offscreen
+# ---------------------------------------------------------------------------------------------
+
+
+VIDEO_ALGOS = ("ppo", "fpo", "dppo", "gorl_fm", "gorl_diffusion", "gorl_sac")
+GL_HINT = ("install libegl1 for MUJOCO_GL=egl or libosmesa6 for MUJOCO_GL=osmesa (Debian/Ubuntu package names; "
+           "an NVIDIA driver brings its own EGL)")
+_GL_PROBE = "import mujoco; mujoco.Renderer(mujoco.MjModel.from_xml_string('<mujoco/>'), 16, 16).close()"
+
+
+def gl_backend_error(backend: str) -> str | None:
+    """Why MuJoCo cannot render offscreen with MUJOCO_GL=`backend` here (None: it can).
+
+    Tried in a child process: MuJoCo fixes its OpenGL backend when it is first imported, and a
+    backend that fails to start may take the process down with it.
+    """
+    result = subprocess.run([sys.executable, "-c", _GL_PROBE], env={**os.environ, "MUJOCO_GL": backend},
+                            capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {result.returncode}"
+
+
+def select_gl_backend(candidates: tuple[str, ...] = ("egl", "osmesa")) -> str:
+    """Set MUJOCO_GL, before mujoco is imported, to the first of `candidates` that renders here
+    (the user's MUJOCO_GL, if set, is the only candidate); a clear error if none does."""
+    if os.environ.get("MUJOCO_GL"):
+        candidates = (os.environ["MUJOCO_GL"],)
+    errors = {}
+    for backend in candidates:
+        errors[backend] = gl_backend_error(backend)
+        if errors[backend] is None:
+            os.environ["MUJOCO_GL"] = backend
+            return backend
+    tried = " nor ".join(f"MUJOCO_GL={b} ({e})" for b, e in errors.items())
+    raise SystemExit(f"error: MuJoCo could not create an offscreen OpenGL context with {tried}: {GL_HINT}")
+
+
+def check_renderer(model, height: int, width: int) -> None:
+    """Fail before the episode runs: a size beyond the task's offscreen framebuffer, or no OpenGL
+    context in this process (mujoco was imported before plot.py could choose MUJOCO_GL)."""
+    import mujoco
+
+    limit = model.vis.global_
+    if width > limit.offwidth or height > limit.offheight:
+        raise SystemExit(f"error: --width {width} --height {height}: the task's offscreen framebuffer is "
+                         f"{limit.offwidth} x {limit.offheight}")
+    try:
+        mujoco.Renderer(model, height, width).close()
+    except Exception as e:  # which error depends on the backend; the message names it
+        raise SystemExit(f"error: MuJoCo cannot render offscreen in this process ({type(e).__name__}: {e}). It "
+                         f"chooses its OpenGL backend (MUJOCO_GL, now {os.environ.get('MUJOCO_GL') or 'unset'}) when "
+                         f"mujoco is first imported: run `python plot.py video ...`, or set MUJOCO_GL=egl or osmesa "
+                         f"before importing mujoco; {GL_HINT}")
+
+
+def camera_name(model, camera: str | None) -> str | None:
+    """The camera to render from: `camera` by name or index, by default the task's first (in the
+    DMC tasks one that follows the body); None, MuJoCo's free camera, for "free" or a model without
+    cameras. A name, because Brax's render reads camera 0 as the free camera."""
+    names = [model.camera(i).name for i in range(model.ncam)]
+    if camera == "free" or (camera is None and not names):
+        return None
+    camera = "0" if camera is None else camera
+    if camera.isdigit() and int(camera) < len(names):
+        return names[int(camera)]
+    if camera in names:
+        return camera
+    raise SystemExit(f"error: --camera {camera}: the task's cameras are {', '.join(names) or 'none'} "
+                     "(by name or index), or 'free'")
+
+
+def video_checkpoints(path: str, stages: list[int] | None) -> tuple[str, dict, list[tuple[str, str]]]:
+    """(run folder, its config, [(label, checkpoint path)]) for `path`, a run folder or one
+    checkpoint in it: every saved stage of a GoRL run (or `stages`), a baseline's latest.npz."""
+    single = path.endswith(".npz")  # RUN_DIR/checkpoints/<name>.npz
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if single else path
+    config = run_config(run_dir)
+    algo, name = config.get("algo"), config.get("exp_name") or config.get("algo")
+    if algo not in VIDEO_ALGOS:
+        raise SystemExit(f"error: {run_dir} is a run of {name}; video renders runs of "
+                         f"{', '.join(a + '.py' for a in VIDEO_ALGOS)}")
+    staged = algo.startswith("gorl") and not config.get("plain_sac")
+    if single or not algo.startswith("gorl"):
+        if stages:
+            raise SystemExit("error: --stages selects the stages of a GoRL run folder"
+                             + (", not of one checkpoint" if single else f"; a {name} run has one policy"))
+        paths = [path if single else os.path.join(run_dir, "checkpoints", "latest.npz")]
+    else:
+        paths = [os.path.join(run_dir, "checkpoints", f"stage{k}.npz") for k in stages or saved_stages(run_dir)]
+    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    if missing or not paths:
+        folder = os.path.join(run_dir, "checkpoints")
+        held = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        raise SystemExit(f"error: no checkpoint {', '.join(missing) or 'of a completed stage'} in {folder}, which holds "
+                         f"{', '.join(held) or 'nothing yet'} (GoRL writes stageK.npz when stage K ends, the "
+                         "baselines latest.npz at every evaluation)")
+    labels = [f"stage {os.path.basename(p)[5:-4]}" if staged else name for p in paths]
+    return run_dir, config, list(zip(labels, paths))
+
+
+def deterministic_act(algo: str, args, action_size: int):
+    """`act(policy, obs) -> pre-squash action`: the policy each script evaluates with deterministic
+    evaluation, the mean action (GoRL: the encoder's mean latent through the decoder). `policy`
+    holds the checkpoint's parameters and normalizers."""
+    import common
+
+    module = importlib.import_module(algo)
+    if algo == "ppo":
+        return lambda p, obs: module.act(p["params"], p["norm"], obs, None, True)
+    if algo in ("fpo", "dppo"):
+        return lambda p, obs: module.act(p["params"], p["norm"], obs, action_size, args)
+    if algo == "gorl_sac":  # the encoder's mean latent, then g(s, z) (z itself with --plain-sac)
+        decoder_act = module.make_act(args)
+
+        def act(p, obs):
+            z, _ = module.encoder(p["params"]["encoder"], common.normalize(p["norm"], obs))
+            return decoder_act(module.TrainState(**p), obs, z)
+
+        return act
+
+    def act(p, obs):  # gorl_fm, gorl_diffusion
+        z = module.mean_latent(p["params"]["encoder"], common.normalize(p["norm"], obs), args.bounded_latent)
+        return common.env_action(module.act(module.TrainState(**p), obs, z, args), args.action_semantics)
+
+    return act
+
+
+def make_episode(env, act):
+    """`episode(policy, key, num_steps)`: the reset state and the state after each of `num_steps`
+    steps of `act` (the task receives tanh of its action), stacked. `env` is the bare task, with
+    no auto-reset to overwrite the state an episode ends in."""
+    import jax
+    import jax.numpy as jnp
+
+    def episode(policy, key, num_steps):
+        def step(state, _):
+            state = env.step(state, jnp.tanh(act(policy, state.obs[None])[0]))
+            return state, state
+
+        first = env.reset(key)
+        _, states = jax.lax.scan(step, first, None, length=num_steps)
+        return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, states)
+
+    return jax.jit(episode, static_argnums=2)
+
+
+def render_clip(env, states, height: int, width: int, camera: str | None) -> tuple[np.ndarray, float]:
+    """Frames [T, height, width, 3] of stacked host `states` up to the first `done` (a task's early
+    termination), through the task's own `render`; and the return of those steps."""
+    import jax
+
+    done = np.flatnonzero(np.asarray(states.done)[1:])
+    steps = int(done[0]) + 1 if len(done) else len(states.done) - 1
+    trajectory = [jax.tree.map(lambda x: x[t], states) for t in range(steps + 1)]
+    if hasattr(trajectory[0], "pipeline_state"):  # a Brax task (gorl_sac's Gym tasks) renders those
+        trajectory = [s.pipeline_state for s in trajectory]
+    frames = np.stack(env.render(trajectory, height=height, width=width, camera=camera))
+    return frames, float(np.sum(states.reward[1 : steps + 1]))
+
+
+def side_by_side(clips: list[np.ndarray], labels: list[str]):
+    """Frame t of every clip in one row, each labelled at its top left (Pillow); a clip whose
+    episode ended earlier holds its last frame."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = clips[0].shape[1:3]
+    font = ImageFont.load_default(size=max(10, height // 16))
+    for t in range(max(len(c) for c in clips)):
+        image = Image.fromarray(np.concatenate([c[min(t, len(c) - 1)] for c in clips], axis=1))
+        draw = ImageDraw.Draw(image)
+        for i, label in enumerate(labels):
+            draw.text((i * width + 6, 4), label, font=font, fill="white", stroke_width=2, stroke_fill="black")
+        yield np.asarray(image)
+
+
+def write_video(frames, size: tuple[int, int], out: str, fps: float) -> str:
+    """RGB frames of `size` (width, height) as an MP4 (H.264) through imageio-ffmpeg's ffmpeg, or as
+    a GIF (Pillow) when `out` ends in .gif or no ffmpeg is found. Returns the path written."""
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    if not out.lower().endswith(".gif"):
+        try:
+            import imageio_ffmpeg
+
+            imageio_ffmpeg.get_ffmpeg_exe()
+        except (ImportError, RuntimeError) as e:
+            out = os.path.splitext(out)[0] + ".gif"
+            print(f"no MP4 encoder ({type(e).__name__}: {e}; pip install imageio-ffmpeg): writing {out} instead")
+        else:
+            writer = imageio_ffmpeg.write_frames(out, size, fps=fps, macro_block_size=2)  # H.264 needs even sizes
+            with warnings.catch_warnings():  # JAX warns of any fork; subprocess execs ffmpeg in the child at once
+                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+                writer.send(None)  # starts ffmpeg
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+            writer.close()
+            return out
+    from PIL import Image
+
+    # Viewers show a GIF frame shorter than 20 ms for 100 ms: a faster clip keeps every k-th frame.
+    k = math.ceil(fps / 50)
+    images = [Image.fromarray(f) for i, f in enumerate(frames) if i % k == 0]
+    images[0].save(out, save_all=True, append_images=images[1:], duration=round(1000 * k / fps), loop=0)
+    return out
+
+
+def video_from_run(path: str, out: str | None = None, stages: list[int] | None = None, episode_length: int = 1000,
+                   height: int = 240, width: int = 320, camera: str | None = None, fps: float | None = None,
+                   seed: int = 0) -> str:
+    """One episode of the deterministic policy of every requested checkpoint of a run, from the
+    same start state (reset key `seed`), side by side in one video (default RUN_DIR/video.mp4)."""
+    if min(episode_length, height, width) < 1 or (fps is not None and fps <= 0):
+        raise SystemExit("error: --episode-length, --height, --width and --fps must be positive")
+    run_dir, config, checkpoints = video_checkpoints(path, stages)
+    if "mujoco" not in sys.modules:  # else its backend is chosen already; check_renderer tries it
+        select_gl_backend()
+    import jax
+
+    import common
+
+    module = importlib.import_module(config["algo"])
+    args = common.args_from_run(module.Args, run_dir)
+    # gorl_sac's make_env adds Brax's Gym tasks; `unwrapped` is the bare task, which renders.
+    env = getattr(module, "make_env", common.make_env)(args.env_name, args.impl).unwrapped
+    model = getattr(env, "sys", env).mj_model  # a Brax task keeps its MuJoCo model in env.sys
+    camera = camera_name(model, camera)
+    check_renderer(model, height, width)
+    episode = make_episode(env, deterministic_act(config["algo"], args, env.action_size))
+    keys = getattr(module, "STAGE_KEYS", ("params", "norm"))  # what the policy reads of a checkpoint
+    clips, labels = [], []
+    for label, checkpoint_path in checkpoints:
+        checkpoint = common.load_checkpoint(checkpoint_path)
+        states = jax.device_get(episode({k: checkpoint[k] for k in keys}, jax.random.PRNGKey(seed), episode_length))
+        frames, episode_return = render_clip(env, states, height, width, camera)
+        print(f"{label}: {len(frames) - 1} steps, return {episode_return:.1f}")
+        clips.append(frames)
+        labels.append(f"{label}, return {episode_return:.1f}")
+    fps = fps or 1.0 / float(env.dt)  # real time
+    out = write_video(side_by_side(clips, labels), (width * len(clips), height),
+                      out or os.path.join(run_dir, "video.mp4"), fps)
+    print(f"wrote {out}: {len(clips)} clip(s) of {width}x{height}, {max(len(c) for c in clips)} frames at {fps:g} fps")
+    return out
 
 
 def _save(fig, out: str) -> None:
@@ -366,9 +630,26 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--shared-axis", action="store_true",
                    help="project every stage on the PC1 of the pooled samples instead of its own")
     d.add_argument("--from-prior", action="store_true", help="latents from N(0, I) instead of the encoder")
+    v = sub.add_parser("video", help="one evaluation episode of the deterministic policy as an MP4; "
+                                     "a GoRL run's stages side by side")
+    v.add_argument("run_dir", help="a run folder, or one checkpoint in it (RUN_DIR/checkpoints/stageK.npz)")
+    v.add_argument("--out", default=None, help="default: RUN_DIR/video.mp4; a .gif name writes a GIF")
+    v.add_argument("--stages", type=int, nargs="*", default=None,
+                   help="stage checkpoints to show side by side (GoRL; default: every saved stage)")
+    v.add_argument("--episode-length", type=int, default=1000,
+                   help="environment steps to show (an evaluation episode: 1000); frames: one more, the reset state")
+    v.add_argument("--height", type=int, default=240, help="of one clip, in pixels")
+    v.add_argument("--width", type=int, default=320, help="of one clip, in pixels")
+    v.add_argument("--camera", default=None,
+                   help="a camera of the task's model, by name or index (default: its first); 'free': MuJoCo's free camera")
+    v.add_argument("--fps", type=float, default=None, help="default: real time, 1 / the task's control step")
+    v.add_argument("--seed", type=int, default=0, help="key of the episode's reset: the same start state for every stage")
     args = parser.parse_args(argv)
     if args.command == "curves":
         plot_curves(args.run_dirs, args.out, args.metric)
+    elif args.command == "video":
+        video_from_run(args.run_dir, args.out, args.stages, args.episode_length, args.height, args.width,
+                       args.camera, args.fps, args.seed)
     else:
         density_from_run(args.run_dir, args.stages, args.out, args.num_samples, args.rollout_steps,
                          args.state_seed, args.bw_factor, args.shared_axis, args.from_prior)

@@ -1,14 +1,17 @@
-"""plot.py: curves from run folders, the PC1 projection and the KDE of the density figure."""
+"""plot.py: curves from run folders, the PC1 projection and the KDE of the density figure, videos."""
 
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from PIL import Image
 
 import common
 import gorl_fm
@@ -203,9 +206,10 @@ def test_density_from_a_saved_gorl_run(tmp_path, monkeypatch):
     assert os.path.getsize(out) > 1000 and open(out, "rb").read(8) == PNG_MAGIC
 
 
-def test_density_policy_of_a_ppo_run(tmp_path):
-    run_dir = os.path.join(tmp_path, "run")
-    args = ppo.Args(env_name="CartpoleBalance", actor_hidden=(8,), critic_hidden=(8,))
+def saved_ppo_run(root):
+    """A ppo.py run folder with its latest.npz (no training: small fresh networks, mean action 0.5)."""
+    run_dir = os.path.join(root, "CartpoleBalance__ppo__1__x")
+    args = ppo.resolve(ppo.Args(env_name="CartpoleBalance", actor_hidden=(8,), critic_hidden=(8,)))
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"algo": "ppo", **dataclasses.asdict(args)}, f)
@@ -213,9 +217,161 @@ def test_density_policy_of_a_ppo_run(tmp_path):
     params["actor"][-1]["b"] = jnp.array([0.5, 0.0])  # mean 0.5, scale softplus(0) + 1e-3
     common.save_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"),
                            {"params": params, "norm": common.normalizer_init(5), "step": 0})
+    return run_dir, params
+
+
+def test_density_policy_of_a_ppo_run(tmp_path):
+    run_dir, params = saved_ppo_run(tmp_path)
     _, sample = plot.load_policy(run_dir, None)
     obs = jnp.zeros(5)
     a = np.arctanh(np.asarray(sample(obs, jax.random.PRNGKey(1), 20000)))
     mean, scale = ppo.actor(params["actor"], obs)
     np.testing.assert_allclose(a.mean(), float(mean[0]), atol=0.02)
     np.testing.assert_allclose(a.std(), float(scale[0]), rtol=0.03)
+
+
+# ---------------------------------------------------------------------------------------------
+# plot.py video
+# ---------------------------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_GL = "could not create an offscreen OpenGL context"
+
+
+def video_cli(*argv, **env):
+    """`python plot.py video ...` in a fresh process: MuJoCo picks its OpenGL backend when it is first
+    imported, and this process imported it (through common) before any test could choose one."""
+    result = subprocess.run([sys.executable, "plot.py", "video", *argv], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **env})
+    if result.returncode and NO_GL in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def mp4_frames(path):
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(path)
+    width, height = next(reader)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+
+
+@pytest.mark.slow
+def test_video_of_a_two_stage_gorl_run_and_of_a_baseline(tmp_path):
+    # GoRL: one clip per saved stage, side by side.
+    run_dir = saved_gorl_run(str(tmp_path))
+    result = video_cli(run_dir, "--episode-length", "4", "--height", "64", "--width", "96")
+    frames = mp4_frames(os.path.join(run_dir, "video.mp4"))
+    assert frames.shape == (5, 64, 2 * 96, 3)  # the reset state and 4 steps; stage 0 | stage 1
+    assert "stage 0: 4 steps" in result.stdout and "stage 1: 4 steps" in result.stdout
+    assert frames[-1, :, :96].std() > 10 and frames[-1, :, 96:].std() > 10  # scenes, not blank tiles
+    # A baseline's latest.npz, given as a checkpoint path, written as a GIF.
+    ppo_dir, _ = saved_ppo_run(tmp_path)
+    out = str(tmp_path / "ppo.gif")
+    video_cli(os.path.join(ppo_dir, "checkpoints", "latest.npz"), "--episode-length", "3", "--height", "48",
+              "--width", "64", "--fps", "25", "--camera", "lookatcart", "--out", out)
+    with Image.open(out) as gif:
+        assert gif.size == (64, 48) and gif.n_frames == 4
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glfw without a display fails for sure only on Linux")
+def test_video_without_an_offscreen_backend_says_what_is_missing(tmp_path, monkeypatch):
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "MUJOCO_GL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        plot.select_gl_backend(("glfw",))  # a backend that needs a display
+    message = str(exc.value)
+    assert f"{NO_GL} with MUJOCO_GL=glfw (" in message and "libegl1" in message and "libosmesa6" in message
+    # The user's MUJOCO_GL is the one tried, and the command stops with the message, no traceback.
+    run_dir = saved_gorl_run(str(tmp_path))
+    result = subprocess.run([sys.executable, "plot.py", "video", run_dir], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "MUJOCO_GL": "glfw"})
+    assert result.returncode == 1 and NO_GL in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(os.path.join(run_dir, "video.mp4"))
+
+
+def test_video_of_a_run_it_cannot_render_says_why(tmp_path):
+    def error(*argv):
+        with pytest.raises(SystemExit) as exc:
+            plot.main(["video", *map(str, argv)])
+        return str(exc.value)
+
+    assert "not a run folder" in error(tmp_path / "nowhere")
+    gorl_dir = saved_gorl_run(str(tmp_path))
+    assert "no checkpoint stage5.npz" in error(gorl_dir, "--stages", "0", "5") and "holds stage0.npz, stage1.npz" in error(gorl_dir, "--stages", "5")
+    assert "not of one checkpoint" in error(os.path.join(gorl_dir, "checkpoints", "stage1.npz"), "--stages", "1")
+    assert "no checkpoint stage7.npz" in error(os.path.join(gorl_dir, "checkpoints", "stage7.npz"))
+    for name in ("stage0.npz", "stage1.npz"):
+        os.remove(os.path.join(gorl_dir, "checkpoints", name))
+    assert "no checkpoint of a completed stage" in error(gorl_dir)
+    ppo_dir, _ = saved_ppo_run(tmp_path)
+    assert "a ppo run has one policy" in error(ppo_dir, "--stages", "0")
+    os.remove(os.path.join(ppo_dir, "checkpoints", "latest.npz"))
+    assert "no checkpoint latest.npz" in error(ppo_dir)
+    other = fake_run(tmp_path, "brax_ppo", 1, False)
+    assert "is a run of brax_ppo; video renders runs of ppo.py, fpo.py" in error(other)
+    assert "must be positive" in error(gorl_dir, "--width", "0")
+
+
+def test_video_encoding_mp4_and_the_gif_fallback(tmp_path, monkeypatch):
+    frames = np.zeros((6, 48, 80, 3), np.uint8)
+    frames[:, :, :40] = np.arange(6)[:, None, None, None] * 40  # the left half brightens frame by frame
+    out = plot.write_video(iter(frames), (80, 48), str(tmp_path / "v" / "clip.mp4"), fps=100)
+    decoded = mp4_frames(out)
+    assert decoded.shape == frames.shape and np.abs(decoded.astype(int) - frames).mean() < 3
+    # Without imageio-ffmpeg: a GIF beside the requested name, at most 50 frames a second.
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    out = plot.write_video(iter(frames), (80, 48), str(tmp_path / "clip.mp4"), fps=100)
+    assert out == str(tmp_path / "clip.gif")
+    with Image.open(out) as gif:
+        assert gif.size == (80, 48) and gif.n_frames == 3 and gif.info["duration"] == 20
+
+
+def test_video_camera_by_name_or_index_and_the_renderer_checks():
+    import mujoco
+
+    model = mujoco.MjModel.from_xml_string(
+        '<mujoco><worldbody><camera name="side"/><camera name="top"/><geom size="1"/></worldbody></mujoco>')
+    with pytest.raises(SystemExit, match="offscreen framebuffer is 640 x 480"):
+        plot.check_renderer(model, 480, 1280)
+    try:  # this process imported mujoco before anyone chose MUJOCO_GL: it renders, or says why not
+        plot.check_renderer(model, 48, 64)
+    except SystemExit as e:
+        assert "cannot render offscreen in this process" in str(e) and "MUJOCO_GL=egl" in str(e)
+    assert plot.camera_name(model, None) == "side"  # the task's first camera
+    assert plot.camera_name(model, "1") == "top" and plot.camera_name(model, "top") == "top"
+    assert plot.camera_name(model, "free") is None
+    with pytest.raises(SystemExit, match="cameras are side, top"):
+        plot.camera_name(model, "nope")
+    assert plot.camera_name(mujoco.MjModel.from_xml_string("<mujoco/>"), None) is None
+
+
+@pytest.mark.parametrize("algo, plain_sac", [("ppo", False), ("fpo", False), ("dppo", False), ("gorl_fm", False),
+                                              ("gorl_diffusion", False), ("gorl_sac", False), ("gorl_sac", True)])
+def test_video_policy_of_every_algorithm_is_its_deterministic_policy(algo, plain_sac):
+    """The action plot.py video runs, from a checkpoint's arrays: the mean action (the baselines'
+    deterministic evaluation), or the encoder's mean latent through the decoder, at init the
+    identity (GoRL)."""
+    import importlib
+
+    module = importlib.import_module(algo)
+    args = module.Args(env_name="CartpoleBalance", **({"plain_sac": True} if plain_sac else {}))
+    args = module.resolve(args) if hasattr(module, "resolve") else args  # gorl_sac has no task-dependent flags
+    key = jax.random.PRNGKey(0)
+    obs = jax.random.normal(key, (1, 5))
+    norm = common.normalizer_init(5)
+    if algo.startswith("gorl"):
+        encoder = module.init_encoder(key, 5, 1, args)
+        encoder[-1]["b"] = encoder[-1]["b"].at[0].set(0.5)  # mean latent 0.5 (bounded by SAC's actor)
+        policy = {"params": {"encoder": encoder}, "norm": norm, "decoder": module.init_decoder(key, 5, 1, args),
+                  "decoder_norm": norm}
+        expected = module.encoder(encoder, common.normalize(norm, obs))[0]
+    else:
+        policy = {"params": module.init_params(key, 5, 1, args), "norm": norm}
+        expected = ppo.actor(policy["params"]["actor"], common.normalize(norm, obs))[0] if algo == "ppo" else None
+    a = plot.deterministic_act(algo, args, 1)(policy, obs)
+    assert a.shape == (1, 1) and bool(jnp.all(jnp.isfinite(a)))
+    np.testing.assert_array_equal(plot.deterministic_act(algo, args, 1)(policy, obs), a)  # no key, no sampling
+    if expected is not None:
+        np.testing.assert_allclose(a, expected, atol=1e-6)
