@@ -929,8 +929,8 @@ class Runs:
     each with an ordinary run folder, so `plot.py curves` and `--resume` see separate runs.
 
     The whole training state carries a leading seed axis. `parallel(f)` turns a function of one
-    seed's state into one over all seeds (`jax.vmap`, then `jax.jit`): each seed computes what a
-    run with that seed alone computes. With more than one local device the seed axis is sharded
+    seed's state into one over all seeds (`jax.vmap`, then `jax.jit`; with one seed, `f` itself
+    on the squeezed axis): each seed computes what a run with that seed alone computes. With more than one local device the seed axis is sharded
     over them, or, with fewer seeds than devices, each seed's environments (a `Mesh` and
     `NamedSharding`s; parameters are then replicated). `log`, `progress`, `save` and the resume
     methods take per-seed arrays and write each seed's slice to its own folder.
@@ -1013,6 +1013,15 @@ class Runs:
     def parallel(self, fn: Callable, in_axes=0, donate_argnums=()) -> Callable:
         """`fn` of one seed, run for all seeds at once: vmapped over the leading seed axis of its
         arguments (`in_axes` as `jax.vmap`'s) and jitted, its outputs kept on the device layout."""
+        if len(self.seeds) == 1 and self.mesh is None:
+            # One seed: the plain function, its seed axis of length 1 dropped and put back, which
+            # compiles MJX as a single run always did (vmap over MJX compiles markedly longer).
+            def single(*args):
+                axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+                args = [a if axis is None else jax.tree.map(lambda x: x[0], a) for a, axis in zip(args, axes)]
+                return jax.tree.map(lambda x: x[None], fn(*args))
+
+            return jax.jit(single, donate_argnums=donate_argnums)
         batched = jax.vmap(fn, in_axes=in_axes)
         if self.mesh is None:
             return jax.jit(batched, donate_argnums=donate_argnums)
