@@ -802,27 +802,6 @@ class Run:
         names = glob.glob(os.path.join(self.dir, "checkpoints", "stage*.npz"))
         return sorted(int(re.search(r"stage(\d+)\.npz$", n).group(1)) for n in names)
 
-    def resume_latest(self) -> dict:
-        """--resume of a baseline: checkpoints/latest.npz, the logged rows after its step dropped."""
-        path = self.checkpoint_path("latest.npz")
-        if not os.path.exists(path):
-            sys.exit(f"error: {self.dir} has no checkpoint yet (one is written at every evaluation)")
-        checkpoint = load_checkpoint(path)
-        print(f"resuming from step {int(checkpoint['step']):,}")
-        self.forget_after(int(checkpoint["step"]))
-        return checkpoint
-
-    def resume_last_stage(self) -> tuple[int, dict] | None:
-        """--resume of a GoRL run: (K, checkpoints/stageK.npz) of its last completed stage, the
-        logged rows after it (and its refinement's, which is redone) dropped; None before any."""
-        completed = self.completed_stages()
-        if not completed:
-            return None
-        checkpoint = load_checkpoint(self.checkpoint_path(f"stage{completed[-1]}.npz"))
-        self.forget_after(checkpoint["step"], refinement_at_step=True)
-        print(f"resuming after stage {completed[-1]} at step {checkpoint['step']:,}")
-        return completed[-1], checkpoint
-
     def write_stage_table(self, rows: list[dict]) -> None:
         """Print and save (stages.md) the evaluation return at each stage boundary: the S0..S3
         table of paper 002, with the return of the refined decoder under prior latents."""
@@ -930,57 +909,54 @@ class Runs:
 
     The whole training state carries a leading seed axis. `parallel(f)` turns a function of one
     seed's state into one over all seeds (`jax.vmap`, then `jax.jit`; with one seed, `f` itself
-    on the squeezed axis): each seed computes what a run with that seed alone computes. With more than one local device the seed axis is sharded
-    over them, or, with fewer seeds than devices, each seed's environments (a `Mesh` and
-    `NamedSharding`s; parameters are then replicated). `log`, `progress`, `save` and the resume
+    on the squeezed axis): each seed computes what a run with that seed alone computes. With more
+    than one local device the seed axis is sharded over them, or, with fewer seeds than devices,
+    each seed's environments (a `Mesh` and `NamedSharding`s; parameters are then replicated). `log`, `progress`, `save` and the resume
     methods take per-seed arrays and write each seed's slice to its own folder.
     """
 
     def __init__(self, args, algo: str, default_exp_name: str | None = None):
         if args.resume:
-            dirs, seeds = self._group(args.resume)
+            per_seed = [args_from_run(type(args), d, resume=d) for d in self._group(args.resume)]
         else:
             first = args.seed + jax.process_index() * args.num_seeds
-            seeds = [first + i for i in range(args.num_seeds)]
-            dirs = [None] * len(seeds)
+            per_seed = [dataclasses.replace(args, seed=first + i) for i in range(args.num_seeds)]
+        self.seeds = [a.seed for a in per_seed]
         self.devices = jax.local_devices()
-        self.layout = device_layout(len(seeds), args.num_envs, len(self.devices))
+        self.layout = device_layout(len(self.seeds), args.num_envs, len(self.devices))
         self.mesh = jax.sharding.Mesh(np.array(self.devices), ("devices",)) if self.layout else None
         self.num_envs = args.num_envs
-        self.seeds = seeds
         if args.resume:
-            self.runs = [Run(args_from_run(type(args), d, resume=d), algo, run_dir=d) for d in dirs]
+            if len(per_seed) > 1:
+                print(f"resuming the {len(per_seed)} seeds trained together: {', '.join(map(str, self.seeds))}")
+            self.runs = [Run(a, algo, run_dir=a.resume) for a in per_seed]
         else:
             exp_name = getattr(args, "exp_name", None) or default_exp_name or algo
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            per_seed = [dataclasses.replace(args, seed=s) for s in seeds]
             names = [run_folder_name(a, exp_name, stamp) for a in per_seed]
             group = names if len(names) > 1 else None
             self.runs = [Run(a, algo, run_dir=os.path.join(args.runs_dir, n), default_exp_name=default_exp_name,
                              seed_group=group) for a, n in zip(per_seed, names)]
         self.dir = self.runs[0].dir  # --resume of any seed's folder resumes the group
         if self.layout:
-            print(f"{len(seeds)} seed(s) on {len(self.devices)} devices, the {self.layout} axis split", flush=True)
+            print(f"{len(self.seeds)} seed(s) on {len(self.devices)} devices, the {self.layout} axis split",
+                  flush=True)
 
     @staticmethod
-    def _group(run_dir: str) -> tuple[list[str], list[int]]:
-        """The folders and seeds of the seeds trained with the run in `run_dir`."""
+    def _group(run_dir: str) -> list[str]:
+        """The folders of the seeds trained with the run in `run_dir` (config.json's seed_group)."""
         path = os.path.join(run_dir, "config.json")
         if not os.path.exists(path):
             sys.exit(f"error: {run_dir!r} is not a run folder (no config.json)")
         with open(path) as f:
-            config = json.load(f)
-        names = config.get("seed_group")
-        dirs = [os.path.join(os.path.dirname(os.path.normpath(run_dir)), n) for n in names] if names else [run_dir]
-        seeds = []
+            names = json.load(f).get("seed_group")
+        if not names:
+            return [run_dir]
+        dirs = [os.path.join(os.path.dirname(os.path.normpath(run_dir)), n) for n in names]
         for d in dirs:
             if not os.path.exists(os.path.join(d, "config.json")):
                 sys.exit(f"error: {run_dir} was trained with the seeds of {', '.join(names)}, and {d} is missing")
-            with open(os.path.join(d, "config.json")) as f:
-                seeds.append(json.load(f)["seed"])
-        if len(dirs) > 1:
-            print(f"resuming the {len(dirs)} seeds trained together: {', '.join(map(str, seeds))}")
-        return dirs, seeds
+        return dirs
 
     # -- the seed axis on the devices --------------------------------------------------------
 
