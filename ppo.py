@@ -298,11 +298,12 @@ def main(args: Args) -> None:
         norm = common.normalizer_init(env.observation_size)
         return TrainState(params, optimizer.init(params), norm, common.reset_envs(env, k_env, args.num_envs)), key
 
+    evaluator = common.make_evaluator(env, args.num_eval_envs)
+
     def evaluate(state, key):
         return evaluator(lambda obs, key: act(state.params, state.norm, obs, key, args.deterministic_eval), key)
 
     # Every seed at once: each function below maps one seed's state over the leading seed axis.
-    evaluator = common.make_evaluator(env, args.num_eval_envs)
     state, key = runs.parallel(init)(runs.keys())
     train_iteration = runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0)
     evaluate = runs.parallel(evaluate)
