@@ -403,6 +403,27 @@ def rollout(env, env_state, policy: Callable, key: jax.Array, num_steps: int, fr
     return jax.lax.scan(step, env_state, jax.random.split(key, num_steps))
 
 
+def collect_episodes(env, policy: Callable, key: jax.Array, num_episodes: int, num_envs: int,
+                     episode_length: int = EPISODE_LENGTH) -> dict:
+    """`num_episodes` full episodes of `policy`, each from its own freshly drawn start state.
+
+    The episodes run `num_envs` at a time (`num_envs` divides `num_episodes`): every batch
+    resets its environments with a new key and runs exactly one episode in each, so no episode
+    restarts from a start state the auto-reset cached. One batch of all the episodes is one
+    `episode_length`-step rollout, the fewest sequential steps; smaller batches trade time
+    for memory. Returns `rollout`'s arrays as [episode_length, num_episodes, ...].
+    """
+
+    def one_batch(key):
+        k_reset, k_rollout = jax.random.split(key)
+        _, data = rollout(env, reset_envs(env, k_reset, num_envs), policy, k_rollout, episode_length)
+        return data
+
+    data = jax.lax.map(one_batch, jax.random.split(key, num_episodes // num_envs))
+    # [batches, T, num_envs, ...] -> [T, batches * num_envs, ...]
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:]), data)
+
+
 def completed_episode_return(data: dict) -> tuple[jax.Array, jax.Array]:
     """Mean return of the episodes that ended inside a rollout, and how many there were."""
     done = data["episode_done"]

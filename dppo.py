@@ -1,13 +1,25 @@
 """Diffusion Policy Policy Optimization (DPPO, Ren et al., 2024), a baseline of the GoRL paper, in JAX + MJX.
 
-The policy is a conditional diffusion model over the pre-squash action (the environment receives
-`tanh(a)`): starting from `x_K ~ N(0, I)`, each of the K = 10 denoising steps draws
-`x_{k-1} ~ N(mu_theta(x_k, k, s), sigma^2 I)`, with `mu_theta` the DDPM posterior mean built from
-an epsilon-prediction network and a cosine schedule. Those steps form an inner MDP whose
-transitions have analytic Gaussian likelihoods, so the rollout records the whole chain
-x_K, ..., x_0 and PPO runs on the chain's log-likelihood, the sum of the per-step log-densities
-(the environment's advantage is shared by every step). The rest is the PPO pipeline of ppo.py
-(GoRL paper Appendix E, Tables 3-4): clip 0.2, learning rate 3e-4, no entropy term.
+As the GoRL release runs it: the FPO authors' code (akanazawa/fpo, `playground/src/flow_policy/
+fpo.py`, `loss_mode="denoising_mdp"`, with the release's scalar-sigma patch and
+configs/methods/dppo.toml). The policy is a K = 10 step Euler SDE over the pre-squash action
+(the environment receives `tanh(a)`): from `x ~ N(0, I)` at t = 1, each step on the time grid
+1, 0.9, ..., 0.1 is `x <- x + dt * v(x, t, s) + sigma * noise` with dt = -0.1, `v` = 0.25 times a
+network's output, and sigma = 0.05 at every step, the last included; no estimate of the clean
+action is formed or clipped. Each step is a Gaussian with an analytic likelihood, so the steps
+form an inner MDP (Ren et al.): the rollout records the chain and the K per-step
+log-likelihoods, and PPO clips each step's ratio separately (clip 0.2) and averages the
+surrogate over the steps, every step sharing the environment step's advantage. At
+initialization the output scale keeps the flow small, so actions spread about like N(0, 1)
+before tanh, as PPO's initial Gaussian. The rest is the PPO pipeline of ppo.py (GoRL paper
+Appendix E, Tables 3-4): learning rate 3e-4, no entropy term. Evaluation samples the policy, as
+the release's "deterministic" evaluation does (it removes only a feather noise that is 0);
+`--deterministic-eval` runs the chain of means from x = 0 instead.
+
+The paper's text describes DPPO with a cosine DDPM; that form (epsilon prediction, the clean
+estimate clipped, one ratio for the whole chain) started as a saturated bang-bang policy (97% of
+|tanh a| > 0.95 at init) and scored 137-157 on CartpoleBalance where this one scores 470-510,
+and it is not what produced the paper's numbers, so it is not kept.
 
 Episode ends: `common.rollout` marks the 1000-step time limit as a truncation, not a
 termination, and keeps the true last observation in `next_obs`; `common.gae` bootstraps a
@@ -25,7 +37,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import tyro
 
@@ -67,21 +78,23 @@ class Args:
     gae_lambda: float = 0.95
     """GAE lambda"""
     clip_eps: float = 0.2
-    """PPO ratio clipping"""
+    """PPO clipping of each denoising step's ratio"""
     max_log_ratio: float = 20.0
-    """clip the chain's log-ratio to [-this, this] before exp, only so that it stays finite"""
+    """clip each step's log-ratio to [-this, this] before exp, only so that it stays finite (released: no clip)"""
     vf_coef: float = 0.25
     """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     num_denoising_steps: int = 10
-    """K, the denoising steps (cosine schedule) that form the inner MDP"""
+    """K, the Euler SDE steps from noise (t = 1) to the action (t = 0) that form the inner MDP"""
     denoising_std: float = 0.05
-    """sigma, the fixed standard deviation of every denoising step's Gaussian"""
-    denoised_clip: float = 3.0
-    """the network's estimate of the clean action x_0 is clipped to [-this, this] (tanh(3) = 0.995)"""
+    """sigma, the standard deviation of the noise every step adds (the last included)"""
+    velocity_scale: float = 0.25
+    """the network's output times this is the velocity (released: 0.25, so the initial policy is close to N(0, I))"""
+    deterministic_eval: bool = False
+    """evaluate the chain of means from x = 0 (off: the sampled policy, as the release's evaluation does)"""
     actor_hidden: tuple[int, ...] = (32, 32, 32, 32)
-    """epsilon-prediction network hidden layer widths (SiLU)"""
+    """velocity network hidden layer widths (SiLU)"""
     critic_hidden: tuple[int, ...] = (256, 256, 256, 256, 256)
     """critic hidden layer widths (SiLU)"""
     eval_every: int = 6_000_000
@@ -128,32 +141,14 @@ def validate(args: Args) -> None:
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
          f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
         (args.num_denoising_steps > 0, "--num-denoising-steps must be positive"),
-        (args.denoising_std > 0 and args.denoised_clip > 0,
-         "--denoising-std and --denoised-clip must be positive"),
+        (args.denoising_std > 0 and args.velocity_scale > 0,
+         "--denoising-std and --velocity-scale must be positive"),
         (args.clip_eps > 0 and args.max_log_ratio > 0, "--clip-eps and --max-log-ratio must be positive"),
     ])
 
 
 # ---------------------------------------------------------------------------------------------
-# Cosine noise schedule (Nichol & Dhariwal, 2021)
-# ---------------------------------------------------------------------------------------------
-
-
-def cosine_schedule(num_steps: int, s: float = 0.008) -> dict[str, np.ndarray]:
-    """beta_k, alpha_k and alpha_bar_k for k = 1..K (array index k - 1), and alpha_bar_{k-1}.
-
-    alpha_bar(k) = f(k) / f(0), f(k) = cos^2(((k / K + s) / (1 + s)) pi / 2); betas capped at
-    0.999 because f(K) = 0 would make the last one exactly 1 (no signal left to denoise from).
-    """
-    alpha_bar = common.cosine_alpha_bar(num_steps, s)
-    alphas = alpha_bar[1:] / alpha_bar[:-1]
-    betas = 1.0 - alphas
-    alpha_bars, alpha_bars_prev = alpha_bar[1:], alpha_bar[:-1]
-    return {"beta": betas, "alpha": alphas, "alpha_bar": alpha_bars, "alpha_bar_prev": alpha_bars_prev}
-
-
-# ---------------------------------------------------------------------------------------------
-# Networks: an epsilon-prediction network eps(x_k, k, s) (the diffusion policy) and a critic
+# Networks: a velocity network v(x_t, t, s) (the denoising policy) and a critic
 # ---------------------------------------------------------------------------------------------
 
 
@@ -167,72 +162,56 @@ def init_params(key, obs_size: int, action_size: int, args: Args):
     }
 
 
-def predict_noise(params, obs, x_k, k, num_steps: int):
-    """eps_theta(x_k, k, s), the input being [normalized obs, x_k, embedding of k / K]."""
-    t = jnp.broadcast_to(k / num_steps, x_k.shape[:-1])
-    return common.mlp_apply(params, jnp.concatenate([obs, x_k, common.time_embedding(t)], axis=-1))
+def velocity(params, obs, x_t, t, scale: float):
+    """v(x_t, t, s) = scale * network([normalized obs, x_t, embedding of t])."""
+    return scale * common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t)], axis=-1))
 
 
 def critic(params, obs):
     return common.mlp_apply(params, obs)[..., 0]
 
 
-def denoising_mean(params, obs, x_k, k, args: Args):
-    """mu_theta(x_k, k, s): the DDPM posterior mean of q(x_{k-1} | x_k, x_0) (Ho et al. 2020, Eq. 7)
-    at the network's estimate x_0 = (x_k - sqrt(1 - alpha_bar_k) eps) / sqrt(alpha_bar_k).
+def time_grid(num_steps: int) -> tuple[jax.Array, float]:
+    """The K step start times 1, 1 - 1/K, ..., 1/K (noise at t = 1, the action at t = 0) and the
+    (negative) step dt = -1/K."""
+    return 1.0 - jnp.arange(num_steps) / num_steps, -1.0 / num_steps
 
-    `k` (1..K) may be an array broadcasting against x_k's leading axes. The estimate is clipped,
-    as DPPO clips it to the action bounds: at k = K, alpha_bar_K ~ 2e-5 and an unclipped estimate
-    would amplify the network's error about 200 times.
+
+# ---------------------------------------------------------------------------------------------
+# The denoising MDP: K Gaussian steps of an Euler SDE, each with an analytic likelihood
+# ---------------------------------------------------------------------------------------------
+
+
+def denoise(params, obs, x_start, noise, args: Args):
+    """Run the K steps x <- x + dt v(x, t, s) + sigma * noise from x_start (t = 1) to the action (t = 0).
+
+    `noise` [K, ..., A] is standard normal (zeros: the chain of means). Returns the chain
+    [..., K + 1, A] in sampling order (the action is the last entry) and the per-step
+    log-likelihoods [..., K].
     """
-    sched = {name: jnp.asarray(v, jnp.float32)[k - 1][..., None] for name, v in
-             cosine_schedule(args.num_denoising_steps).items()}
-    eps = predict_noise(params, obs, x_k, k, args.num_denoising_steps)
-    x_0 = (x_k - jnp.sqrt(1.0 - sched["alpha_bar"]) * eps) / jnp.sqrt(sched["alpha_bar"])
-    x_0 = jnp.clip(x_0, -args.denoised_clip, args.denoised_clip)
-    coef_x0 = jnp.sqrt(sched["alpha_bar_prev"]) * sched["beta"] / (1.0 - sched["alpha_bar"])
-    coef_xk = jnp.sqrt(sched["alpha"]) * (1.0 - sched["alpha_bar_prev"]) / (1.0 - sched["alpha_bar"])
-    return coef_x0 * x_0 + coef_xk * x_k
+    ts, dt = time_grid(args.num_denoising_steps)
+
+    def step(x, inputs):
+        t, z = inputs
+        mean = x + dt * velocity(params, obs, x, jnp.broadcast_to(t, x.shape[:-1]), args.velocity_scale)
+        x_next = mean + args.denoising_std * z
+        return x_next, (x_next, common.gaussian_log_prob(x_next, mean, jnp.full_like(mean, args.denoising_std)))
+
+    _, (xs, log_probs) = jax.lax.scan(step, x_start, (ts, noise))
+    chain = jnp.concatenate([x_start[None], xs], axis=0)
+    return jnp.moveaxis(chain, 0, -2), jnp.moveaxis(log_probs, 0, -1)
 
 
-# The "diffusion noise scale sigma_t = 0.05" of the GoRL paper (Appendix E.3) is read as a fixed
-# standard deviation for every denoising step's Gaussian, rather than the DDPM posterior std
-# floored at a minimum (DPPO's released configurations use such a floor): the policy's randomness then comes mostly from x_K,
-# and each step's likelihood is that of a narrow Gaussian around mu_theta.
+def step_log_probs(params, obs, chain, args: Args):
+    """log N(x_{k+1}; x_k + dt v(x_k, t_k, s), sigma^2 I) for every step k of a stored chain
+    (DPPO's denoising-MDP likelihoods), all K steps in one batched network call.
 
-
-def denoise(params, obs, x_K, noise, args: Args):
-    """Run the K denoising steps from x_K with the given standard-normal noise [K, ..., A].
-
-    Returns the chain [..., K + 1, A] in sampling order (x_K, ..., x_0; the action is the last
-    entry) and its log-likelihood [...], the sum of the K per-step Gaussian log-densities.
-    """
-
-    def step(x_k, inputs):
-        k, z = inputs
-        mean = denoising_mean(params, obs, x_k, k, args)
-        x_prev = mean + args.denoising_std * z
-        log_prob = common.gaussian_log_prob(x_prev, mean, jnp.full_like(mean, args.denoising_std))
-        return x_prev, (x_prev, log_prob)
-
-    ks = jnp.arange(args.num_denoising_steps, 0, -1)
-    _, (xs, log_probs) = jax.lax.scan(step, x_K, (ks, noise))
-    chain = jnp.concatenate([x_K[None], xs], axis=0)
-    return jnp.moveaxis(chain, 0, -2), log_probs.sum(axis=0)
-
-
-def chain_log_prob(params, obs, chain, args: Args):
-    """log p_theta(x_{K-1}, ..., x_0 | x_K, s) = sum_k log N(x_{k-1}; mu_theta(x_k, k, s), sigma^2 I)
-    (DPPO's denoising-MDP likelihood), all K steps evaluated in one batched network call.
-
-    obs [..., O], chain [..., K + 1, A] -> [...]."""
-    num_steps = args.num_denoising_steps
-    x_k, x_prev = chain[..., :-1, :], chain[..., 1:, :]
-    ks = jnp.arange(num_steps, 0, -1)
-    obs = jnp.broadcast_to(obs[..., None, :], (*x_k.shape[:-1], obs.shape[-1]))
-    mean = denoising_mean(params, obs, x_k, ks, args)
-    log_probs = common.gaussian_log_prob(x_prev, mean, jnp.full_like(mean, args.denoising_std))
-    return log_probs.sum(axis=-1)
+    obs [..., O], chain [..., K + 1, A] -> [..., K]."""
+    ts, dt = time_grid(args.num_denoising_steps)
+    x, x_next = chain[..., :-1, :], chain[..., 1:, :]
+    obs = jnp.broadcast_to(obs[..., None, :], (*x.shape[:-1], obs.shape[-1]))
+    mean = x + dt * velocity(params, obs, x, jnp.broadcast_to(ts, x.shape[:-1]), args.velocity_scale)
+    return common.gaussian_log_prob(x_next, mean, jnp.full_like(mean, args.denoising_std))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,17 +220,19 @@ def chain_log_prob(params, obs, chain, args: Args):
 
 
 def dppo_loss(params, batch, args: Args):
-    """Clipped surrogate on the chain's likelihood ratio + value regression; no entropy term.
+    """PPO's clipped surrogate on each denoising step's likelihood ratio, averaged over the steps
+    and the samples (DPPO, Ren et al. 2024, Eq. 6: every step of the inner MDP shares the
+    environment step's advantage), + value regression; no entropy term.
 
-    The ratio is that of the whole chain, exp(sum_k log-ratio_k), with the environment step's
-    advantage; DPPO's code instead clips each step's ratio separately.
+    One ratio per step, each clipped separately, as the release computes it: the ratio of the
+    whole chain, a product of K ratios, would leave the clip band after small per-step moves.
     """
-    log_prob = chain_log_prob(params["actor"], batch["obs"], batch["chain"], args)
-    # Steps with sigma = 0.05 make the chain's log-ratio move fast; the clip only keeps exp() finite.
+    log_prob = step_log_probs(params["actor"], batch["obs"], batch["chain"], args)
+    # With sigma = 0.05 a step's log-ratio moves fast; the clip only keeps exp() finite.
     log_ratio = jnp.clip(log_prob - batch["log_prob"], -args.max_log_ratio, args.max_log_ratio)
     # Advantages normalized per minibatch (Brax's normalize_advantage).
     advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
-    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(log_ratio, advantages, args.clip_eps)
+    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(log_ratio, advantages[..., None], args.clip_eps)
     value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
     loss = policy_loss + args.vf_coef * value_loss
     return loss, {
@@ -278,16 +259,20 @@ class TrainState(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
+def sample(actor_params, obs, key, args: Args):
+    """The stochastic policy: x_start ~ N(0, I) and fresh noise at every step. obs normalized."""
+    k_start, k_noise = jax.random.split(key)
+    action_size = actor_params[-1]["b"].shape[0]
+    x_start = jax.random.normal(k_start, (*obs.shape[:-1], action_size))
+    noise = jax.random.normal(k_noise, (args.num_denoising_steps, *x_start.shape))
+    return denoise(actor_params, obs, x_start, noise, args)
+
+
 def make_policy(actor_params, norm, args: Args):
-    """Sampling policy for the rollout: the action x_0, the whole chain and its log-likelihood."""
+    """Sampling policy for the rollout: the action, the whole chain and its per-step log-likelihoods."""
 
     def policy(obs, key):
-        k_start, k_noise = jax.random.split(key)
-        obs = common.normalize(norm, obs)
-        action_size = actor_params[-1]["b"].shape[0]
-        x_K = jax.random.normal(k_start, (*obs.shape[:-1], action_size))
-        noise = jax.random.normal(k_noise, (args.num_denoising_steps, *x_K.shape))
-        chain, log_prob = denoise(actor_params, obs, x_K, noise, args)
+        chain, log_prob = sample(actor_params, common.normalize(norm, obs), key, args)
         return chain[..., -1, :], {"chain": chain, "log_prob": log_prob}
 
     return policy
@@ -334,11 +319,16 @@ def make_train_iteration(env, optimizer, args: Args):
 
 
 def act(params, norm, obs, action_size: int, args: Args):
-    """The deterministic evaluation policy: start from the noise's mean, x_K = 0, and inject no
-    noise in the denoising steps, so the action is the chain of means."""
-    x_K = jnp.zeros((*obs.shape[:-1], action_size))
-    noise = jnp.zeros((args.num_denoising_steps, *x_K.shape))
-    return denoise(params["actor"], common.normalize(norm, obs), x_K, noise, args)[0][..., -1, :]
+    """The deterministic evaluation policy: start from the noise's mean, x = 0 at t = 1, and
+    inject no noise in the steps, so the action is the chain of means."""
+    x_start = jnp.zeros((*obs.shape[:-1], action_size))
+    noise = jnp.zeros((args.num_denoising_steps, *x_start.shape))
+    return denoise(params["actor"], common.normalize(norm, obs), x_start, noise, args)[0][..., -1, :]
+
+
+def act_sampled(params, norm, obs, key, args: Args):
+    """The released evaluation policy: the rollout's stochastic policy (start and step noise drawn)."""
+    return sample(params["actor"], common.normalize(norm, obs), key, args)[0][..., -1, :]
 
 
 def main(args: Args) -> None:
@@ -364,7 +354,9 @@ def main(args: Args) -> None:
     evaluator = common.make_evaluator(env, args.num_eval_envs)
 
     def evaluate(state, key):
-        return evaluator(lambda obs, key: act(state.params, state.norm, obs, env.action_size, args), key)
+        if args.deterministic_eval:
+            return evaluator(lambda obs, key: act(state.params, state.norm, obs, env.action_size, args), key)
+        return evaluator(lambda obs, key: act_sampled(state.params, state.norm, obs, key, args), key)
 
     # Every seed at once: each function below maps one seed's state over the leading seed axis.
     state, key = runs.parallel(init)(runs.keys())

@@ -8,6 +8,15 @@ estimated with 8 (t, eps) pairs drawn at rollout time. The rest is the PPO pipel
 (GoRL paper Appendix E, Tables 3-4): same rollout, GAE, critic and minibatch epochs; clip 0.05,
 learning rate 3e-4, no entropy term (a flow policy has no cheap entropy).
 
+As the release runs it (the FPO authors' code, akanazawa/fpo `playground/src/flow_policy/fpo.py`,
+with configs/methods/fpo.toml): the network's output is scaled by 0.25, each pair's CFM loss is
+the mean over the action dimensions of the error of the noise it implies ("u_but_supervise_as_eps":
+the velocity error weighted by t^2 in our time direction), t is uniform in [0, 1], the log-ratio
+is not clipped (a guard at +-20 only keeps exp() finite), and evaluation samples the policy
+(noise at the start of the flow), as the release's "deterministic" evaluation does;
+`--deterministic-eval` integrates from the noise's mean instead. Our time runs from noise (t = 0)
+to action (t = 1), the release's the other way: the same model under t -> 1 - t.
+
 Episode ends: `common.rollout` marks the 1000-step time limit as a truncation, not a
 termination, and keeps the true last observation in `next_obs`; `common.gae` bootstraps a
 truncated episode from V(next_obs), cuts the bootstrap only at a termination, and stops the
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +75,8 @@ class Args:
     """GAE lambda"""
     clip_eps: float = 0.05
     """clipping of the FPO ratio (FPO's recommendation for stability)"""
-    max_log_ratio: float = 5.0
-    """clip L_cfm_old - L_cfm_new to [-this, this] before exp (keeps it finite; caps one sample's weight)"""
+    max_log_ratio: float = 20.0
+    """clip L_cfm_old - L_cfm_new to [-this, this] before exp, only so that it stays finite (released: no clip)"""
     vf_coef: float = 0.25
     """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
     reward_scaling: float = 10.0
@@ -76,6 +85,12 @@ class Args:
     """Euler steps from noise x_0 to the action x_1"""
     num_cfm_samples: int = 8
     """(t, eps) pairs per action estimating its CFM loss"""
+    velocity_scale: float = 0.25
+    """the network's output times this is the velocity (released: 0.25, so the initial policy is close to N(0, I))"""
+    cfm_target: Literal["eps", "velocity"] = "eps"
+    """CFM loss: eps, the error of the implied noise (released "u_but_supervise_as_eps"), or velocity, the plain CFM loss"""
+    deterministic_eval: bool = False
+    """evaluate from the noise's mean, x_0 = 0 (off: sample x_0, as the release's evaluation does)"""
     actor_hidden: tuple[int, ...] = (32, 32, 32, 32)
     """velocity network hidden layer widths (SiLU)"""
     critic_hidden: tuple[int, ...] = (256, 256, 256, 256, 256)
@@ -126,6 +141,7 @@ def validate(args: Args) -> None:
         (args.num_flow_steps > 0 and args.num_cfm_samples > 0,
          "--num-flow-steps and --num-cfm-samples must be positive"),
         (args.clip_eps > 0 and args.max_log_ratio > 0, "--clip-eps and --max-log-ratio must be positive"),
+        (args.velocity_scale > 0, f"--velocity-scale must be positive, got {args.velocity_scale}"),
     ])
 
 
@@ -144,24 +160,24 @@ def init_params(key, obs_size: int, action_size: int, args: Args):
     }
 
 
-def velocity(params, obs, x_t, t):
-    """v(x_t, t, s), the input being [normalized obs, x_t, embedding of t]."""
-    return common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t)], axis=-1))
+def velocity(params, obs, x_t, t, scale: float):
+    """v(x_t, t, s) = scale * network([normalized obs, x_t, embedding of t])."""
+    return scale * common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t)], axis=-1))
 
 
 def critic(params, obs):
     return common.mlp_apply(params, obs)[..., 0]
 
 
-def sample_action(params, obs, x_0, num_steps: int):
+def sample_action(params, obs, x_0, args: Args):
     """Euler integration of dx/dt = v(x, t, s) from x_0 at t = 0 to the action x_1."""
-    dt = 1.0 / num_steps
+    dt = 1.0 / args.num_flow_steps
 
     def euler_step(x, i):
         t = jnp.full(x.shape[:-1], i * dt)
-        return x + dt * velocity(params, obs, x, t), None
+        return x + dt * velocity(params, obs, x, t, args.velocity_scale), None
 
-    x_1, _ = jax.lax.scan(euler_step, x_0, jnp.arange(num_steps))
+    x_1, _ = jax.lax.scan(euler_step, x_0, jnp.arange(args.num_flow_steps))
     return x_1
 
 
@@ -170,33 +186,39 @@ def sample_action(params, obs, x_0, num_steps: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def cfm_losses(params, obs, action, t, eps):
-    """Per-pair conditional flow matching loss (FPO's l_theta(tau, eps); the path of GoRL Eq. 6):
-    ||v(x_t, t, s) - (a - eps)||^2 with x_t = (1 - t) eps + t a.
+def cfm_losses(params, obs, action, t, eps, args: Args):
+    """Per-pair conditional flow matching loss (FPO's l_theta(tau, eps); the path of GoRL Eq. 6),
+    x_t = (1 - t) eps + t a, averaged over the action dimensions as released:
+    "velocity": mean ||v(x_t, t, s) - (a - eps)||^2;
+    "eps": mean ||eps - (x_t - t v(x_t, t, s))||^2 = t^2 times the velocity form, the error of
+    the noise the velocity implies (FPO's "u_but_supervise_as_eps").
+    A mean, not a sum: summed, the log-ratio and so the trust region would scale with A.
 
     obs [..., O], action [..., A], t [..., N], eps [..., N, A] -> [..., N]."""
     a = action[..., None, :]
     x_t = (1.0 - t[..., None]) * eps + t[..., None] * a
     obs = jnp.broadcast_to(obs[..., None, :], (*eps.shape[:-1], obs.shape[-1]))
-    return jnp.sum((velocity(params, obs, x_t, t) - (a - eps)) ** 2, axis=-1)
+    v = velocity(params, obs, x_t, t, args.velocity_scale)
+    if args.cfm_target == "eps":
+        return jnp.mean((eps - (x_t - t[..., None] * v)) ** 2, axis=-1)
+    return jnp.mean((v - (a - eps)) ** 2, axis=-1)
 
 
-def fpo_log_ratio(params, batch, max_log_ratio: float):
+def fpo_log_ratio(params, batch, args: Args):
     """log of FPO's ratio estimate r = exp(L_old - L_new), L = (1/N) sum_i l(t_i, eps_i) (McAllister et al.).
 
     The pairs and the old losses were stored at rollout time, so with unchanged parameters this
     is exactly 0. The losses are averaged over pairs before the exponential, as FPO defines it.
-    The clip keeps exp() finite and stops a single negative-advantage sample whose surrogate
-    ratio ran away (e^5 ~ 148, far outside the 1 +- 0.05 band) from dominating a minibatch.
+    The clip only keeps exp() finite (the release has none).
     """
-    new = cfm_losses(params, batch["obs"], batch["action"], batch["cfm_t"], batch["cfm_eps"])
+    new = cfm_losses(params, batch["obs"], batch["action"], batch["cfm_t"], batch["cfm_eps"], args)
     log_ratio = batch["cfm_loss"].mean(axis=-1) - new.mean(axis=-1)
-    return jnp.clip(log_ratio, -max_log_ratio, max_log_ratio), new
+    return jnp.clip(log_ratio, -args.max_log_ratio, args.max_log_ratio), new
 
 
 def fpo_loss(params, batch, args: Args):
     """PPO's clipped surrogate with the FPO ratio + value regression; no entropy term."""
-    log_ratio, cfm_new = fpo_log_ratio(params["actor"], batch, args.max_log_ratio)
+    log_ratio, cfm_new = fpo_log_ratio(params["actor"], batch, args)
     # Advantages normalized per minibatch (Brax's normalize_advantage).
     advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
     policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(log_ratio, advantages, args.clip_eps)
@@ -235,10 +257,10 @@ def make_policy(actor_params, norm, args: Args):
         obs = common.normalize(norm, obs)
         action_size = actor_params[-1]["b"].shape[0]
         x_0 = jax.random.normal(k_x0, (*obs.shape[:-1], action_size))
-        action = sample_action(actor_params, obs, x_0, args.num_flow_steps)
+        action = sample_action(actor_params, obs, x_0, args)
         t = jax.random.uniform(k_t, (*obs.shape[:-1], args.num_cfm_samples))
         eps = jax.random.normal(k_eps, (*obs.shape[:-1], args.num_cfm_samples, action_size))
-        return action, {"cfm_t": t, "cfm_eps": eps, "cfm_loss": cfm_losses(actor_params, obs, action, t, eps)}
+        return action, {"cfm_t": t, "cfm_eps": eps, "cfm_loss": cfm_losses(actor_params, obs, action, t, eps, args)}
 
     return policy
 
@@ -288,7 +310,13 @@ def make_train_iteration(env, optimizer, args: Args):
 def act(params, norm, obs, action_size: int, args: Args):
     """The deterministic evaluation policy: the flow integrated from the noise's mean, x_0 = 0."""
     x_0 = jnp.zeros((*obs.shape[:-1], action_size))
-    return sample_action(params["actor"], common.normalize(norm, obs), x_0, args.num_flow_steps)
+    return sample_action(params["actor"], common.normalize(norm, obs), x_0, args)
+
+
+def act_sampled(params, norm, obs, key, action_size: int, args: Args):
+    """The released evaluation policy: the flow integrated from a fresh draw x_0 ~ N(0, I)."""
+    x_0 = jax.random.normal(key, (*obs.shape[:-1], action_size))
+    return sample_action(params["actor"], common.normalize(norm, obs), x_0, args)
 
 
 def main(args: Args) -> None:
@@ -314,7 +342,9 @@ def main(args: Args) -> None:
     evaluator = common.make_evaluator(env, args.num_eval_envs)
 
     def evaluate(state, key):
-        return evaluator(lambda obs, key: act(state.params, state.norm, obs, env.action_size, args), key)
+        if args.deterministic_eval:
+            return evaluator(lambda obs, key: act(state.params, state.norm, obs, env.action_size, args), key)
+        return evaluator(lambda obs, key: act_sampled(state.params, state.norm, obs, key, env.action_size, args), key)
 
     # Every seed at once: each function below maps one seed's state over the leading seed axis.
     state, key = runs.parallel(init)(runs.keys())

@@ -125,8 +125,10 @@ class Args:
     refine_episodes: int | None = None
     """full episodes collected for one refinement (encoder frozen, sampling z); None: the task's
     value (4096 as released; 1024 on HumanoidRun, 128 on HumanoidStand; the paper's text: 512)"""
-    refine_envs: int = 64
-    """parallel environments that collect them (refine_episodes is a multiple of it)"""
+    refine_envs: int | None = None
+    """environments collecting them at once, each episode from a fresh start state; None: all of
+    them in one batched rollout (the fewest sequential steps); a divisor of refine_episodes
+    collects in batches to save memory (the release: 64)"""
     refine_epochs: int = 50
     """passes over the training episodes in one refinement, counted as released: gradient steps =
     refine_epochs * (training transitions // refine_batch_size), batches drawn with replacement"""
@@ -255,11 +257,11 @@ def refinement_checks(args: Args) -> list[tuple[bool, str]]:
     episodes = args.refine_episodes
     held_out = max(1, int(episodes * args.refine_val_fraction))
     return [
-        (min(args.refine_envs, episodes, args.refine_epochs, args.refine_batch_size, args.refine_draws,
+        (min(args.refine_envs or episodes, episodes, args.refine_epochs, args.refine_batch_size, args.refine_draws,
              args.refine_eval_every, args.refine_val_size, args.diffusion_steps) > 0,
          "--refine-envs, --refine-episodes, --refine-epochs, --refine-batch-size, --refine-draws, "
          "--refine-eval-every, --refine-val-size and --diffusion-steps must be positive"),
-        (episodes % max(args.refine_envs, 1) == 0,
+        (episodes % max(args.refine_envs or episodes, 1) == 0,
          f"--refine-episodes {episodes} must be a multiple of --refine-envs {args.refine_envs}"),
         (0 < args.refine_val_fraction < 1 and held_out < episodes,
          f"--refine-val-fraction {args.refine_val_fraction} must hold out at least one of the "
@@ -637,15 +639,13 @@ def refinement_inputs(batch, key, draws: int, num_steps: int, refine_latents: st
 def make_refinement(env, args: Args):
     obs_size, action_size = env.observation_size, env.action_size
     decoder_optimizer = optax.adam(args.refine_learning_rate)
-    episodes_per_env = args.refine_episodes // args.refine_envs
     held_out = max(1, int(args.refine_episodes * args.refine_val_fraction)) * common.EPISODE_LENGTH
     sched = diffusion_schedule(args.diffusion_steps, args.decoder_output, args.noise_schedule)
 
     def collect(state, key):
-        """Full episodes from the frozen encoder (sampling z) and the current decoder: the
-        observations [T, refine_envs, .], the regression targets and the latents."""
-        k_reset, k_rollout = jax.random.split(key)
-        env_state = common.reset_envs(env, k_reset, args.refine_envs)
+        """Full episodes from the frozen encoder (sampling z) and the current decoder, each from a
+        fresh start state: the observations [T, refine_episodes, .], the regression targets and
+        the latents."""
 
         def policy(obs, key):
             z, _, _ = sample_latent(state.params["encoder"], common.normalize(state.norm, obs), key, args.bounded_latent)
@@ -653,7 +653,7 @@ def make_refinement(env, args: Args):
             target = common.regression_targets(a, args.action_semantics, args.decoder_target_clip)
             return common.env_action(a, args.action_semantics), {"latent": z, "target": target}
 
-        _, data = common.rollout(env, env_state, policy, k_rollout, episodes_per_env * common.EPISODE_LENGTH)
+        data = common.collect_episodes(env, policy, key, args.refine_episodes, args.refine_envs or args.refine_episodes)
         dataset = {"obs": data["obs"], "action": data["target"], "latent": data["latent"]}
         return dataset, common.completed_episode_return(data)[0]
 

@@ -103,9 +103,9 @@ class Args:
     """units of the network's learned output inside eps_phi: eps (noise units, Appendix C.1) or x0
     (clean action units, see gorl_diffusion.py)"""
     refine_envs: int = 64
-    """parallel environments that collect a refinement dataset"""
+    """parallel environments that collect a refinement dataset, each episode from a fresh start state"""
     refine_iterations: int = 2
-    """full episodes each refinement environment runs (64 x 2 x 1000 = 128k transitions)"""
+    """batches of refine_envs full episodes in one refinement (64 x 2 x 1000 = 128k transitions)"""
     refine_epochs: int = 50
     """decoder training epochs over a refinement dataset"""
     refine_batch_size: int = 8192
@@ -682,17 +682,14 @@ def make_refinement(env, args: Args):
 
     def collect(state, key):
         """(observation, pre-squash action) pairs from the frozen encoder (sampling z) and the
-        current decoder: refine_iterations full episodes in each of refine_envs environments.
-        Fresh rollouts, not the replay buffer (paper 002, F.2)."""
-        k_reset, k_rollout = jax.random.split(key)
-        env_state = common.reset_envs(env, k_reset, args.refine_envs)
+        current decoder: refine_iterations batches of refine_envs full episodes, each episode
+        from a fresh start state. Fresh rollouts, not the replay buffer (paper 002, F.2)."""
 
         def policy(obs, key):
             z, _, _, _ = sample_latent(state.params["encoder"], common.normalize(state.norm, obs), key)
             return act(state, obs, z), {}
 
-        steps = args.refine_iterations * common.EPISODE_LENGTH
-        _, data = common.rollout(env, env_state, policy, k_rollout, steps)
+        data = common.collect_episodes(env, policy, key, args.refine_envs * args.refine_iterations, args.refine_envs)
         dataset = {k: data[k].reshape(-1, data[k].shape[-1]) for k in ("obs", "action")}
         return dataset, common.completed_episode_return(data)[0]
 

@@ -6,7 +6,8 @@ the frozen encoder and the current decoder, then `--refine-steps` decoder steps 
 `--refine-eval-every` steps. This script times the two jitted pieces of gorl_fm.py separately,
 each compiled ahead of time so that compilation is reported apart:
 
-  - collection at the given number of episodes (the released 4096 by default: 4.1M steps);
+  - collection at the given number of episodes (the released 4096 by default: 4.1M steps), each
+    from a fresh start state, `--refine-envs` at a time (default: all in one batched rollout);
   - decoder training for `--timed-steps` steps (the released batch and draws), extrapolated
     linearly to `--refine-steps` (the released 50,000; the cost per step does not depend on the
     step index, and validation adds one evaluation per `--refine-eval-every` steps, included).
@@ -16,6 +17,7 @@ refinement does not depend on the parameters' values.
 
     python benchmarks/refinement_time.py --env-name FingerSpin              # released size
     python benchmarks/refinement_time.py --refine-episodes 256 --timed-steps 100   # quicker
+    python benchmarks/refinement_time.py --refine-episodes 256 --refine-envs 64 --collect-only  # batches of 64
 
 On a GPU the same command measures the GPU (pass nothing else; JAX picks the device).
 """
@@ -41,6 +43,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env-name", default="FingerSpin")
     p.add_argument("--refine-episodes", type=int, default=None, help="default: the task's released value")
+    p.add_argument("--refine-envs", type=int, default=None,
+                   help="environments collecting at once (default: all the episodes in one rollout)")
+    p.add_argument("--collect-only", action="store_true", help="time the collection, not the decoder training")
     p.add_argument("--refine-steps", type=int, default=50_000)
     p.add_argument("--refine-batch-size", type=int, default=8192)
     p.add_argument("--refine-draws", type=int, default=8)
@@ -48,6 +53,7 @@ def main(argv=None) -> None:
     ns = p.parse_args(argv)
 
     args = gorl_fm.resolve(gorl_fm.Args(env_name=ns.env_name, refine_episodes=ns.refine_episodes,
+                                        refine_envs=ns.refine_envs,
                                         refine_batch_size=ns.refine_batch_size, refine_draws=ns.refine_draws))
     timed = dataclasses.replace(args, refine_steps=ns.timed_steps)
     gorl_fm.validate(timed)
@@ -62,7 +68,7 @@ def main(argv=None) -> None:
     )
     collect, fit = gorl_fm.make_refinement(env, timed)
     print(f"{args.env_name} on {jax.devices()[0].platform}: {args.refine_episodes} episodes from "
-          f"{args.refine_envs} envs; decoder {args.decoder_hidden}, batch {args.refine_batch_size} x "
+          f"{args.refine_envs or args.refine_episodes} envs at a time; decoder {args.decoder_hidden}, batch {args.refine_batch_size} x "
           f"{args.refine_draws} draws", flush=True)
 
     t0 = time.time()
@@ -74,6 +80,8 @@ def main(argv=None) -> None:
     transitions = args.refine_episodes * common.EPISODE_LENGTH
     print(f"collection: {collect_s:.1f} s for {transitions:,} steps ({transitions / collect_s:,.0f} steps/s), "
           f"compiled in {compile_collect:.1f} s", flush=True)
+    if ns.collect_only:
+        return
 
     t0 = time.time()
     fit_c = fit.lower(state.decoder, dataset, key).compile()

@@ -1,4 +1,4 @@
-"""Tests of dppo.py: the cosine schedule, the chain log-likelihood, loss shapes, and a smoke run."""
+"""Tests of dppo.py: the Euler SDE chain and its per-step likelihoods, the per-step clip, loss shapes, and a smoke run."""
 
 import csv
 import dataclasses
@@ -30,72 +30,104 @@ def _setup(seed=0):
     return args, params, obs, action, extras
 
 
-def _hand_schedule(K, s=0.008):
-    """Cosine schedule written out step by step, alpha_bar indexed 0..K."""
-    f = [math.cos((k / K + s) / (1 + s) * math.pi / 2) ** 2 for k in range(K + 1)]
-    alpha_bar = [1.0]
-    betas = [None]
-    for k in range(1, K + 1):
-        beta = min(1.0 - f[k] / f[k - 1], 0.999)
-        betas.append(beta)
-        alpha_bar.append(alpha_bar[-1] * (1.0 - beta))
-    return betas, alpha_bar
+def _hand_velocity(params, obs, x, t):
+    net = common.mlp_apply(params, jnp.concatenate([obs, jnp.asarray(x, jnp.float32), common.time_embedding(jnp.float32(t))]))
+    return 0.25 * np.asarray(net, np.float64)
 
 
-def test_cosine_schedule():
-    K = 10
-    sched = dppo.cosine_schedule(K)
-    betas, alpha_bar = _hand_schedule(K)
-    np.testing.assert_allclose(sched["beta"], betas[1:], rtol=1e-12)
-    np.testing.assert_allclose(sched["alpha_bar"], alpha_bar[1:], rtol=1e-12)
-    np.testing.assert_allclose(sched["alpha_bar_prev"], alpha_bar[:-1], rtol=1e-12)
-    assert np.all(np.diff(sched["alpha_bar"]) < 0) and sched["beta"][-1] == 0.999
-
-
-def test_chain_log_likelihood_is_sum_of_per_step_gaussians_by_hand():
+def test_step_log_likelihoods_are_euler_sde_gaussians_by_hand():
+    """Step k: x_{k+1} ~ N(x_k + dt v(x_k, t_k, s), sigma^2 I), t_k = 1 - k/K, dt = -1/K."""
     args, params, obs, action, extras = _setup()
-    K, sigma, clip = args.num_denoising_steps, args.denoising_std, args.denoised_clip
-    betas, alpha_bar = _hand_schedule(K)
-    predict_noise = jax.jit(dppo.predict_noise, static_argnums=4)
+    K, sigma = args.num_denoising_steps, args.denoising_std
     # A sampled chain (likely steps) and a perturbed one (unlikely steps): both must match.
     perturbed = extras["chain"] + 0.1 * jax.random.normal(jax.random.PRNGKey(7), extras["chain"].shape)
     for chain in (extras["chain"], perturbed):
-        got = dppo.chain_log_prob(params["actor"], obs, chain, args)
-        assert got.shape == (B,)
+        got = dppo.step_log_probs(params["actor"], obs, chain, args)
+        assert got.shape == (B, K)
         chain = np.asarray(chain, np.float64)
         for b in range(B):
-            total = 0.0
-            for j in range(K):
-                k = K - j
-                x_k, x_prev = chain[b, j], chain[b, j + 1]
-                eps = np.asarray(predict_noise(params["actor"], obs[b], jnp.asarray(x_k, jnp.float32), k, K))
-                x0 = np.clip((x_k - math.sqrt(1 - alpha_bar[k]) * eps) / math.sqrt(alpha_bar[k]), -clip, clip)
-                mu = (math.sqrt(alpha_bar[k - 1]) * betas[k] / (1 - alpha_bar[k]) * x0
-                      + math.sqrt(1 - betas[k]) * (1 - alpha_bar[k - 1]) / (1 - alpha_bar[k]) * x_k)
-                total += stats.norm.logpdf(x_prev, mu, sigma).sum()
-            np.testing.assert_allclose(float(got[b]), total, rtol=2e-4, atol=1e-2)
+            for k in range(K):
+                x, x_next = chain[b, k], chain[b, k + 1]
+                mean = x - 1.0 / K * _hand_velocity(params["actor"], obs[b], x, 1.0 - k / K)
+                expected = stats.norm.logpdf(x_next, mean, sigma).sum()
+                np.testing.assert_allclose(float(got[b, k]), expected, rtol=1e-4, atol=2e-3)
 
 
-def test_rollout_records_the_chain_and_its_log_likelihood():
+def test_rollout_records_the_chain_and_its_per_step_log_likelihoods():
     args, params, obs, action, extras = _setup()
     chain = extras["chain"]
     assert chain.shape == (B, args.num_denoising_steps + 1, ACT)
+    assert extras["log_prob"].shape == (B, args.num_denoising_steps)
     np.testing.assert_array_equal(action, chain[:, -1])
-    # Same parameters: the ratio against the stored log-likelihood is 1.
+    # Same parameters: every step's ratio against the stored log-likelihood is 1.
     np.testing.assert_allclose(
-        dppo.chain_log_prob(params["actor"], obs, chain, args), extras["log_prob"], rtol=1e-5, atol=1e-3
+        dppo.step_log_probs(params["actor"], obs, chain, args), extras["log_prob"], rtol=1e-5, atol=1e-3
     )
 
 
 def test_deterministic_denoising_without_noise():
+    """No noise: the chain of means from x = 0 at t = 1, Euler steps with dt = -1/K."""
     args, params, obs, _, _ = _setup()
-    x_K = jnp.zeros((B, ACT))
-    chain, _ = dppo.denoise(params["actor"], obs, x_K, jnp.zeros((args.num_denoising_steps, B, ACT)), args)
-    x = x_K
-    mean = jax.jit(lambda p, o, x, k: dppo.denoising_mean(p, o, x, k, args))
-    for k in range(args.num_denoising_steps, 0, -1):
-        x = mean(params["actor"], obs, x, k)
-    np.testing.assert_allclose(chain[:, -1], x, atol=1e-5)
+    K = args.num_denoising_steps
+    chain, _ = dppo.denoise(params["actor"], obs, jnp.zeros((B, ACT)), jnp.zeros((K, B, ACT)), args)
+    for b in range(B):
+        x = np.zeros(ACT)
+        for k in range(K):
+            x = x - 1.0 / K * _hand_velocity(params["actor"], obs[b], x, 1.0 - k / K)
+        np.testing.assert_allclose(chain[b, -1], x, atol=1e-5)
+    np.testing.assert_allclose(dppo.act(params, common.normalizer_init(OBS), obs, ACT, args), chain[:, -1], atol=1e-6)
+
+
+def test_initial_policy_is_not_saturated():
+    """At init the actions spread about like N(0, 1) before tanh (PPO's initial Gaussian): under
+    20% of 10,000 sampled actions at a fixed state have |tanh a| > 0.95 (the DDPM form this
+    replaced had 97%)."""
+    args = dppo.Args()
+    obs_size, action_size = 17, 6
+    params = dppo.init_params(jax.random.PRNGKey(3), obs_size, action_size, args)
+    obs = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(4), (obs_size,)), (10_000, obs_size))
+    chain, _ = dppo.sample(params["actor"], obs, jax.random.PRNGKey(5), args)
+    a = chain[:, -1]
+    saturated = float(jnp.mean(jnp.abs(jnp.tanh(a)) > 0.95))
+    assert saturated < 0.2, saturated
+    assert 0.8 < float(jnp.std(a)) < 1.3
+    # Every step, the last included, adds noise of standard deviation sigma around its mean.
+    ts, dt = dppo.time_grid(args.num_denoising_steps)
+    x = chain[:, :-1]
+    t = jnp.broadcast_to(ts, x.shape[:-1])
+    obs_k = jnp.broadcast_to(obs[:, None], (*x.shape[:-1], obs_size))
+    noise = chain[:, 1:] - (x + dt * dppo.velocity(params["actor"], obs_k, x, t, args.velocity_scale))
+    np.testing.assert_allclose(jnp.std(noise, axis=(0, 2)), args.denoising_std, rtol=0.03)
+
+
+def test_each_step_ratio_is_clipped_separately():
+    """One step's ratio far outside the band with a positive advantage adds no gradient through
+    that step, while the others still move: the surrogate is the mean of K clipped terms."""
+    args, params, obs, action, extras = _setup()
+    K = args.num_denoising_steps
+    batch = {"obs": obs, "chain": extras["chain"], "advantage": jnp.arange(B, dtype=jnp.float32), "target": jnp.ones(B)}
+    # Old log-likelihoods lowered by 1 at step 0 only: r_0 = e, outside [0.8, 1.2].
+    old = extras["log_prob"].at[:, 0].add(-1.0)
+    loss, metrics = dppo.dppo_loss(params, {**batch, "log_prob": old}, args)
+    a = np.asarray(batch["advantage"])
+    a = (a - a.mean()) / (a.std() + 1e-8)
+    ratio = np.ones((B, K))
+    ratio[:, 0] = np.e
+    clipped = np.clip(ratio, 1 - args.clip_eps, 1 + args.clip_eps)
+    expected = -np.mean(np.minimum(ratio * a[:, None], clipped * a[:, None]))
+    np.testing.assert_allclose(float(metrics["loss/policy"]), expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(float(metrics["policy/clip_fraction"]), 1.0 / K, rtol=1e-6)
+
+
+def test_evaluation_policies():
+    """The released evaluation samples (start and step noise); the deterministic one does not
+    depend on the key."""
+    args, params, obs, _, _ = _setup()
+    norm = common.normalizer_init(OBS)
+    a = dppo.act_sampled(params, norm, obs, jax.random.PRNGKey(1), args)
+    b = dppo.act_sampled(params, norm, obs, jax.random.PRNGKey(2), args)
+    assert float(jnp.max(jnp.abs(a - b))) > 0.1
+    np.testing.assert_allclose(a, dppo.sample(params["actor"], obs, jax.random.PRNGKey(1), args)[0][:, -1], atol=1e-6)
 
 
 def test_loss_shapes_and_gradients():
@@ -107,6 +139,9 @@ def test_loss_shapes_and_gradients():
     assert loss.shape == ()
     assert all(v.shape == () for v in metrics.values())
     assert abs(float(metrics["policy/log_ratio"])) < 1e-3
+    # At ratio 1 (same parameters) nothing is clipped and the approximate KL is 0.
+    assert float(metrics["policy/clip_fraction"]) == 0.0
+    assert abs(float(metrics["policy/approx_kl"])) < 1e-4
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert any(np.any(g != 0) for g in jax.tree.leaves(grads["actor"]))
 
@@ -139,6 +174,7 @@ RELEASED_DEFAULTS = {
     "learning_rate": 3e-4, "clip_eps": 0.2, "discount": 0.995, "gae_lambda": 0.95, "vf_coef": 0.25,
     "reward_scaling": 10.0, "num_envs": 2048, "batch_size": 1024, "num_minibatches": 32, "unroll_length": 30,
     "num_epochs": 16, "total_timesteps": 180_000_000, "num_eval_envs": 128, "num_denoising_steps": 10, "denoising_std": 0.05,
+    "velocity_scale": 0.25, "deterministic_eval": False,
 }
 
 

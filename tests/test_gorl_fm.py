@@ -216,7 +216,7 @@ RELEASED_FM = dict(
     ent_coef=0.01, reward_scaling=10.0, stage0_clip_eps=0.15, clip_eps=0.3, stage0_max_grad_norm=0.5,
     max_grad_norm=0.5, stage0_kl_beta=5e-4, kl_beta=1e-3, bounded_latent=False, encoder_hidden=(32,) * 4,
     critic_hidden=(256,) * 5, decoder_hidden=(128,) * 4, flow_steps=10, action_semantics="pre_squash",
-    refine_episodes=4096, refine_envs=64, refine_steps=50_000, refine_batch_size=8192, refine_draws=8,
+    refine_episodes=4096, refine_steps=50_000, refine_batch_size=8192, refine_draws=8,
     refine_learning_rate=3e-4, decoder_target_clip=3.0, decoder_init="fresh", refine_val_fraction=0.1,
     refine_eval_every=100, refine_val_size=65536, refine_metric="val_loss", num_eval_envs=128,
     deterministic_eval=True, encoder_reset=True, latent_regularizer="kl",
@@ -227,6 +227,13 @@ RELEASED_FM = dict(
 def test_defaults_are_the_released_values(field):
     args = gorl_fm.resolve(gorl_fm.Args(env_name="CheetahRun"))
     assert getattr(args, field) == RELEASED_FM[field]
+
+
+def test_refinement_collects_all_episodes_at_once_by_default():
+    """A documented departure: the release collects its 4096 episodes 64 environments at a time
+    (64 sequential episodes); ours run as one batched rollout unless --refine-envs says otherwise."""
+    assert gorl_fm.Args().refine_envs is None
+    gorl_fm.validate(gorl_fm.resolve(gorl_fm.Args(env_name="CheetahRun", refine_envs=64)))
 
 
 @pytest.mark.parametrize("env_name, expected", [

@@ -163,3 +163,48 @@ def test_fresh_start_states_is_every_scripts_default():
     import gorl_sac
 
     assert all(m.Args().fresh_start_states is True for m in (ppo, fpo, dppo, gorl_fm, gorl_diffusion, gorl_sac))
+
+
+def refinement_state(module, env, args):
+    k_enc, k_dec = jax.random.split(KEY)
+    obs, act = env.observation_size, env.action_size
+    return module.TrainState(
+        params={"encoder": module.init_encoder(k_enc, obs, act, args)}, norm=common.normalizer_init(obs),
+        decoder=module.init_decoder(k_dec, obs, act, args), decoder_norm=common.normalizer_init(obs),
+        **({} if module.__name__ == "gorl_sac" else dict(opt_state=None, hp=None, env_state=None)),
+    )
+
+
+@pytest.mark.parametrize("algo,refine", [
+    ("gorl_fm", dict(refine_episodes=6)),                   # one batched rollout (the default)
+    ("gorl_fm", dict(refine_episodes=6, refine_envs=2)),    # three batches of two
+    ("gorl_diffusion", dict(refine_episodes=6)),
+    ("gorl_diffusion", dict(refine_episodes=6, refine_envs=3)),
+    ("gorl_sac", dict(refine_envs=2, refine_iterations=3)),
+])
+def test_refinement_episodes_start_from_distinct_fresh_states(algo, refine):
+    """N refinement episodes come from N distinct start states, whatever the batching: a batch
+    of E environments running several episodes each would restart them from the E states the
+    auto-reset cached. Every episode is whole: its first step is a reset, its last the time limit."""
+    import gorl_sac
+
+    module = {"gorl_fm": gorl_fm, "gorl_diffusion": gorl_diffusion, "gorl_sac": gorl_sac}[algo]
+    env = FakeEnv(episode_length=common.EPISODE_LENGTH)
+    small = dict(encoder_hidden=(8,), decoder_hidden=(8,))
+    if algo == "gorl_sac":
+        args = module.Args(env_name="CartpoleBalance", **small, **refine)
+    else:
+        args = module.resolve(module.Args(**LAYOUT, **small, **refine))
+    collect = module.make_refinement(env, args)[0]
+    dataset, collect_return = collect(refinement_state(module, env, args), jax.random.PRNGKey(3))
+    obs = np.asarray(dataset["obs"])
+    if algo == "gorl_sac":  # flattened to transitions, [T, episodes] row-major
+        obs = obs.reshape(common.EPISODE_LENGTH, 6, -1)
+    assert obs.shape[:2] == (common.EPISODE_LENGTH, 6)
+    starts = obs[0]
+    distances = np.abs(starts[:, None] - starts[None]).sum(-1) + np.eye(6)
+    assert distances.min() > 1e-3, "two refinement episodes share a start state"
+    # No episode restarts inside the collection: the fake task contracts obs by 0.9 a step, so
+    # after the first step no observation returns to its episode's start.
+    assert np.abs(obs[1:] - starts[None]).sum(-1).min() > 1e-3
+    assert np.isfinite(float(collect_return))
