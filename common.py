@@ -21,14 +21,35 @@ import sys
 import time
 from typing import Any, Callable, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from brax.envs.wrappers import training as brax_wrappers
-from mujoco_playground import registry
-from mujoco_playground import wrapper as playground_wrapper
-from tensorboardX import SummaryWriter
+
+def _gpu_settings() -> None:
+    """What a GPU run needs, set before JAX starts its backend (a value the user set wins).
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false: JAX would take 75% of the GPU's memory per process, so a
+    second process (plot.py video beside a run, seeds as separate processes) could not start;
+    MuJoCo Playground's training scripts set the same. --xla_gpu_triton_gemm_any=True: up to 30%
+    faster MJX on a GPU (MJX documentation), added to the user's XLA_FLAGS only where a CUDA
+    plugin is installed, so a CPU-only jaxlib never sees a GPU flag.
+    """
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import importlib.util
+
+    has_cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    flags = os.environ.get("XLA_FLAGS", "")
+    if has_cuda and "xla_gpu_triton_gemm_any" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_triton_gemm_any=True".strip()
+
+
+_gpu_settings()  # JAX reads these when its backend starts, at the first computation, not at import
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from brax.envs.wrappers import training as brax_wrappers  # noqa: E402
+from mujoco_playground import registry  # noqa: E402
+from mujoco_playground import wrapper as playground_wrapper  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Environments
@@ -102,12 +123,17 @@ TASK_SETTINGS: dict[str, dict] = {
 # action, collects fewer refinement episodes and evaluates the stochastic policy.
 _HUMANOID_GORL = {"bounded_latent": True, "stage0_clip_eps": 0.3, "clip_eps": 0.3, "refine_episodes": 1024,
                   "action_semantics": "bounded", "decoder_target_clip": 1.0, "deterministic_eval": False}
+# Every method runs the humanoids' float32 matmuls at full precision (configs/tasks/Humanoid*.toml,
+# [runtime]); elsewhere a GPU's default (TF32 on recent NVIDIA GPUs).
+_HUMANOID_RUNTIME = {"matmul_precision": "highest"}
 PROFILES: dict[str, dict] = {
     "dm_control": {},
     "humanoid": {
-        "ppo": {"learning_rate": 1e-3, "clip_eps": 0.3, "max_grad_norm": 0.0, "deterministic_eval": False},
-        "gorl_fm": _HUMANOID_GORL,
-        "gorl_diffusion": {**_HUMANOID_GORL, "decoder_hidden": (128, 128, 128, 128)},
+        "ppo": {"learning_rate": 1e-3, "clip_eps": 0.3, "max_grad_norm": 0.0, "deterministic_eval": False,
+                **_HUMANOID_RUNTIME},
+        "gorl_fm": {**_HUMANOID_GORL, **_HUMANOID_RUNTIME},
+        "gorl_diffusion": {**_HUMANOID_GORL, "decoder_hidden": (128, 128, 128, 128), **_HUMANOID_RUNTIME},
+        "gorl_sac": _HUMANOID_RUNTIME, "fpo": _HUMANOID_RUNTIME, "dppo": _HUMANOID_RUNTIME,
     },
 }
 
@@ -862,8 +888,42 @@ def _wandb_run(args, run_dir: str, config_path: str):
 
 
 def seed_checks(args) -> list[tuple[bool, str]]:
-    """The --num-seeds check every script shares, for `check_args`."""
-    return [(args.num_seeds >= 1, f"--num-seeds must be at least 1, got {args.num_seeds}")]
+    """The --num-seeds and --matmul-precision checks every script shares, for `check_args`."""
+    return [(args.num_seeds >= 1, f"--num-seeds must be at least 1, got {args.num_seeds}"),
+            (args.matmul_precision in MATMUL_PRECISIONS,
+             f"--matmul-precision must be one of {MATMUL_PRECISIONS}, got {args.matmul_precision!r}")]
+
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def compilation_cache_dir(backend: str) -> str | None:
+    """Where compiled programs are kept between runs: $JAX_COMPILATION_CACHE_DIR if set, else
+    on a GPU or TPU $XDG_CACHE_HOME/gorl/jax (~/.cache/gorl/jax); None (off) on a CPU, where
+    XLA warns at length about every cached program it loads, and with GORL_COMPILATION_CACHE=0."""
+    if os.environ.get("GORL_COMPILATION_CACHE", "1") == "0":
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if backend == "cpu":
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gorl", "jax")
+
+
+def start_runtime(args) -> None:
+    """Process-wide settings of a run, before anything is compiled: `--distributed`
+    (`start_distributed`, which must come before JAX starts its backend), the float32 matmul
+    precision (`args.matmul_precision`: on recent NVIDIA GPUs "default" is TF32, MJX physics
+    included; the release runs the humanoids at "highest"), and a persistent compilation cache
+    (a second run or seed skips the minutes of compiling; a cache already set wins)."""
+    start_distributed(args.distributed)
+    if args.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    cache = compilation_cache_dir(jax.default_backend())
+    if cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        print(f"compiled programs are cached in {cache} (GORL_COMPILATION_CACHE=0 turns this off)", flush=True)
 
 
 def start_distributed(enabled: bool) -> None:
@@ -1086,6 +1146,24 @@ class Runs:
         print(f"resuming after stage {last} at step {checkpoint['step']:,}")
         return last, checkpoint
 
+    def resume_inside_stage(self) -> dict | None:
+        """--resume of a GoRL run stopped inside a stage: every seed's checkpoints/latest.npz
+        (written at each evaluation) when it lies in the stage after the last one all seeds
+        completed, the rows after its step dropped; None when there is none (resume from the
+        last completed stage instead)."""
+        paths = [run.checkpoint_path("latest.npz") for run in self.runs]
+        if not all(os.path.exists(p) for p in paths):
+            return None
+        completed = [run.completed_stages() for run in self.runs]
+        next_stage = min(c[-1] for c in completed) + 1 if all(completed) else 0
+        checkpoint = self.load("latest.npz")
+        if checkpoint["stage"] != next_stage:
+            return None  # written before the last completed stage ended
+        for run in self.runs:
+            run.forget_after(checkpoint["step"])
+        print(f"resuming inside stage {next_stage} at step {checkpoint['step']:,}")
+        return checkpoint
+
     def write_stage_table(self, rows: list[dict]) -> None:
         for i, run in enumerate(self.runs):
             if len(self.runs) > 1:
@@ -1154,9 +1232,11 @@ def run_iterations(
         if crossed or is_last:
             metrics.update({k: np.asarray(v, dtype=float) for k, v in jax.device_get(evaluate(carry, k_eval)).items()})
             last_eval = metrics["eval/return"]
-            if on_eval is not None:
-                on_eval(carry, step, key)
         runs.log(step, metrics)
+        # The row before the checkpoint: a run stopped between the two resumes from the previous
+        # checkpoint and drops the rows after it, so no row is lost or logged twice.
+        if (crossed or is_last) and on_eval is not None:
+            on_eval(carry, step, key)
         fields = {"stage": stage} if stage is not None else {}
         runs.progress(step, total_steps, sps * len(runs.seeds), force=crossed or is_last, **fields,
                       train_return=last_train, eval_return=last_eval)

@@ -51,6 +51,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    matmul_precision: str | None = None
+    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     total_timesteps: int = 180_000_000
     """environment steps to train for"""
     num_envs: int = 2048
@@ -119,7 +121,7 @@ def steps_per_iteration(args: Args) -> int:
 
 # The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
 # configs/methods/fpo.toml has them; common.TASK_SETTINGS overrides them per task.
-TASK_DEFAULTS = {"discount": 0.995}
+TASK_DEFAULTS = {"matmul_precision": "default", "discount": 0.995}
 
 
 def resolve(args: Args) -> Args:
@@ -324,7 +326,7 @@ def main(args: Args) -> None:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)  # config.json records the resolved values
     validate(args)
-    common.start_distributed(args.distributed)
+    common.start_runtime(args)
 
     env = common.make_env(args.env_name, args.impl)
     optimizer = optax.chain(

@@ -51,6 +51,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    matmul_precision: str | None = None
+    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     stage_steps: tuple[int, ...] | None = None
     """environment steps of latent PPO in each stage (stage 0 uses the identity decoder); None:
     the task's value (60M 60M 30M 30M; 60M 60M on HumanoidRun)"""
@@ -191,6 +193,7 @@ class Args:
 # The values of the flags above that default to None, on a task that common.TASK_SETTINGS and
 # common.PROFILES do not mention (the release's dm_control profile).
 TASK_DEFAULTS = {
+    "matmul_precision": "default",
     "stage_steps": (60_000_000, 60_000_000, 30_000_000, 30_000_000),
     "discount": 0.995,
     "stage0_clip_eps": 0.15,
@@ -501,6 +504,7 @@ class TrainState(NamedTuple):
 
 
 STAGE_KEYS = ("params", "norm", "decoder", "decoder_norm")
+RESUME_KEYS = (*STAGE_KEYS, "opt_state", "hp")  # and the environments: a stage in progress
 
 
 def act(state: TrainState, obs, z, args: Args):
@@ -793,12 +797,21 @@ def save_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> Non
     runs.save(f"stage{stage}.npz", {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
+def save_inside_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> None:
+    """At every evaluation inside a stage (its end is `save_stage`'s), what continuing the stage
+    needs, in checkpoints/latest.npz: the stage's encoder, critic, optimizer state and settings,
+    the normalizer, the frozen decoder, the environments where they are (their arrays) and the
+    key, so that the resumed stage trains as the uninterrupted one would."""
+    runs.save("latest.npz", {**{k: getattr(state, k) for k in RESUME_KEYS}, "env_state": jax.tree.leaves(state.env_state),
+                             "stage": stage, "step": step, "key": key, "stage_rows": stage_rows})
+
+
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)
     validate(args)
-    common.start_distributed(args.distributed)
+    common.start_runtime(args)
 
     env = common.make_env(args.env_name, args.impl)
     obs_size, action_size = env.observation_size, env.action_size
@@ -819,8 +832,13 @@ def main(args: Args) -> None:
     evaluate = runs.parallel(make_evaluate(env, args), in_axes=(0, 0, None))  # (state, key, prior_latents)
 
     step, first_stage, stage_rows = 0, 0, []
-    resumed = runs.resume_last_stage() if args.resume else None
-    if resumed:
+    inside = runs.resume_inside_stage() if args.resume else None  # stopped inside a stage: continue it
+    resumed = runs.resume_last_stage() if args.resume and not inside else None
+    if inside:
+        env_state = jax.tree.unflatten(jax.tree.structure(state.env_state), inside["env_state"])
+        state = state._replace(**{k: inside[k] for k in RESUME_KEYS}, env_state=env_state)
+        step, key, stage_rows, first_stage = inside["step"], inside["key"], inside["stage_rows"], inside["stage"]
+    elif resumed:
         last, saved = resumed
         state = state._replace(**{k: saved[k] for k in STAGE_KEYS})
         step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], last + 1
@@ -828,24 +846,25 @@ def main(args: Args) -> None:
     start = time.time()
     try:
         for stage in range(first_stage, len(args.stage_steps)):  # Algorithm 1, line 4
-            if stage > 0 and args.frozen_decoder is None:  # phase 2 of the previous stage, lines 14-18
-                key, k_refine = runs.split(key)
-                state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
-                    state, collect, fit, evaluate, k_refine, stage, step, runs)
-            key, k_encoder = runs.split(key)
-            state = runs.parallel(
-                lambda state, key: start_stage(state, optimizer, obs_size, action_size, args, stage, key))(state, k_encoder)
-            end_step = step + iterations_in_stage(args, stage) * per_iter
+            if not (inside and stage == first_stage):  # (a resumed stage has its encoder and decoder)
+                if stage > 0 and args.frozen_decoder is None:  # phase 2 of the previous stage, lines 14-18
+                    key, k_refine = runs.split(key)
+                    state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
+                        state, collect, fit, evaluate, k_refine, stage, step, runs)
+                key, k_encoder = runs.split(key)
+                state = runs.parallel(lambda state, key: start_stage(
+                    state, optimizer, obs_size, action_size, args, stage, key))(state, k_encoder)
+            end_step = sum(iterations_in_stage(args, m) for m in range(stage + 1)) * per_iter
             print(f"stage {stage}: latent PPO from step {step:,} to {end_step:,}")
             state, key, step, stage_return = common.run_iterations(  # lines 9-13: latent PPO
                 runs, train_iteration, state, key, step=step, end_step=end_step, steps_per_iteration=per_iter,
                 total_steps=total_steps, eval_every=args.eval_every, evaluate=lambda s, k: evaluate(s, k, False),
-                stage=stage,
+                stage=stage, on_eval=lambda s, at, k: at < end_step and save_inside_stage(runs, s, stage, at, k, stage_rows),
             )
             stage_rows.append({"stage": stage, "step": step, "return": stage_return})
             save_stage(runs, state, stage, step, key, stage_rows)
     except KeyboardInterrupt:
-        print(f"interrupted; resume from the last completed stage with: python gorl_diffusion.py --resume {runs.dir}")
+        print(f"interrupted; resume from the last evaluation with: python gorl_diffusion.py --resume {runs.dir}")
         raise
     finally:
         runs.close()

@@ -52,6 +52,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend of DMC tasks: jax (MJX) or warp (MuJoCo Warp); the Gym tasks are MJX only"""
+    matmul_precision: str | None = None
+    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     stage_steps: tuple[int, ...] = (2_000_000, 1_000_000, 1_000_000)
     """environment steps of latent SAC in each stage (stage 0 uses the identity decoder)"""
     plain_sac: bool = False
@@ -186,8 +188,20 @@ def refine_dataset_size(args: Args) -> int:
     return args.refine_envs * args.refine_iterations * common.EPISODE_LENGTH
 
 
+# The task-dependent flags (None in Args) on a task that common.TASK_SETTINGS and
+# common.PROFILES do not mention.
+TASK_DEFAULTS = {"matmul_precision": "default"}
+
+
+def resolve(args: Args) -> Args:
+    """`args` with every task-dependent flag left at None set to the task's value."""
+    return common.resolve_task_settings(args, "gorl_sac", TASK_DEFAULTS)
+
+
 def validate(args: Args) -> None:
-    """Reject bad flag values before anything is compiled."""
+    """Reject bad flag values before anything is compiled (task-dependent flags left at None
+    are checked at the task's value)."""
+    args = resolve(args)
     per_chunk = steps_per_chunk(args)
     updates = args.utd_ratio * args.num_envs
     common.check_args([
@@ -812,8 +826,9 @@ def save_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> Non
 def main(args: Args) -> None:
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
+    args = resolve(args)  # config.json records the resolved values
     validate(args)
-    common.start_distributed(args.distributed)
+    common.start_runtime(args)
 
     env = make_env(args.env_name, args.impl)
     obs_size, action_size = env.observation_size, env.action_size

@@ -40,6 +40,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    matmul_precision: str | None = None
+    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     total_timesteps: int = 180_000_000
     """environment steps to train for"""
     num_envs: int = 2048
@@ -101,7 +103,7 @@ class Args:
 # The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
 # configs/methods/ppo.toml (dm_control profile) has them; common.TASK_SETTINGS and the humanoid
 # profile override them per task (see common.resolve_task_settings).
-TASK_DEFAULTS = {"learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0,
+TASK_DEFAULTS = {"matmul_precision": "default", "learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0,
                  "deterministic_eval": True}
 ENTROPY_ESTIMATES = ("tanh", "gaussian")
 NORMALIZER_UPDATES = ("after", "before")
@@ -283,7 +285,7 @@ def main(args: Args) -> None:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)  # config.json records the resolved values
     validate(args)
-    common.start_distributed(args.distributed)
+    common.start_runtime(args)
 
     env = common.make_env(args.env_name, args.impl)
     optimizer = optax.chain(

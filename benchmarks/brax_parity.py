@@ -94,7 +94,7 @@ def ppo_args(args: Args, seed: int, **overrides) -> ppo.Args:
         num_envs=256, unroll_length=30, batch_size=256, num_minibatches=16, num_epochs=16,
         learning_rate=1e-3, max_grad_norm=0.0, discount=0.995, gae_lambda=0.95, clip_eps=0.3,
         vf_coef=0.25, ent_coef=0.01, reward_scaling=10.0, actor_hidden=(32,) * 4,
-        critic_hidden=(256,) * 5, num_eval_envs=128, deterministic_eval=True,
+        critic_hidden=(256,) * 5, num_eval_envs=128, deterministic_eval=True, matmul_precision="default",
         entropy="tanh", normalizer_update="after", fresh_start_states=False,
     ) if not overrides else dataclasses.replace(ppo_args(args, seed), **overrides)
 

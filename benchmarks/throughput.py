@@ -174,7 +174,7 @@ def ppo_args(args: Args) -> ppo.Args:
         num_minibatches=args.num_minibatches, num_epochs=args.num_epochs,
         learning_rate=args.learning_rate, num_eval_envs=args.num_eval_envs,
         # Every task-dependent flag given, so both trainers get the values listed above.
-        discount=0.995, clip_eps=0.2, max_grad_norm=0.0, deterministic_eval=True,
+        discount=0.995, clip_eps=0.2, max_grad_norm=0.0, deterministic_eval=True, matmul_precision="default",
     )
 
 

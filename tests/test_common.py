@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -19,6 +20,8 @@ from mujoco_playground import registry
 from scipy import stats
 
 import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------
 # GAE
@@ -716,9 +719,12 @@ def test_run_iterations_schedule_logging_and_progress(tmp_path, capsys):
 
 
 def test_first_iteration_notice_estimates_a_large_iteration_on_the_cpu(monkeypatch):
+    # The backend as the notice sees it, so that the test means the same on a GPU machine.
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(common, "_cpu_warned", False)
+    assert "note:" not in common.first_iteration_notice(983_040)  # a GPU needs no warning
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "cpu")
     notice = common.first_iteration_notice(983_040)
-    assert jax.default_backend() == "cpu"
     assert "983,040 environment steps" in notice and "3-16 min per iteration" in notice and "On a CPU" in notice
     assert "note:" not in common.first_iteration_notice(983_040)  # once per process
     monkeypatch.setattr(common, "_cpu_warned", False)
@@ -785,3 +791,73 @@ def test_fit_keep_best_returns_the_best_validation_parameters_not_the_last():
     assert 0 < int(metrics["refine/best_step"]) < 200
     np.testing.assert_allclose(float(metrics["refine/val_best"]), (float(best["w"]) - 1.0) ** 2, rtol=1e-5)
     assert float(metrics["refine/val_final"]) > 0.9 and float(metrics["refine/val_initial"]) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings a GPU run needs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpu_settings_are_defaults_that_the_user_overrides(monkeypatch):
+    import importlib.util
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a CPU-only jaxlib
+    common._gpu_settings()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"  # no GPU flag for the CPU
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: name == "jax_cuda12_plugin" or None)
+    common._gpu_settings()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_triton_gemm_any=True"
+    common._gpu_settings()  # not twice
+    assert os.environ["XLA_FLAGS"].count("triton") == 1
+    # The user's values win.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_triton_gemm_any=False")
+    common._gpu_settings()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_triton_gemm_any=False"
+
+
+def test_the_scripts_set_them_before_jax_starts():
+    """In a fresh process the setting is there once the script's modules are imported."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    out = subprocess.run([sys.executable, "-c", "import os, gorl_fm; print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "false"
+
+
+def test_matmul_precision_is_the_tasks_and_is_applied(monkeypatch):
+    import dppo
+    import fpo
+    import gorl_diffusion
+    import gorl_fm
+    import gorl_sac
+    import ppo
+
+    for module in (ppo, fpo, dppo, gorl_fm, gorl_diffusion, gorl_sac):
+        assert module.resolve(module.Args(env_name="HumanoidRun")).matmul_precision == "highest", module
+        assert module.resolve(module.Args(env_name="CheetahRun")).matmul_precision == "default", module
+        assert module.resolve(module.Args(env_name="HumanoidRun", matmul_precision="high")).matmul_precision == "high"
+    with pytest.raises(SystemExit, match="--matmul-precision must be one of"):
+        ppo.validate(ppo.Args(matmul_precision="tf32"))
+    monkeypatch.setenv("GORL_COMPILATION_CACHE", "0")
+    before = jax.config.jax_default_matmul_precision
+    try:
+        common.start_runtime(ppo.resolve(ppo.Args(env_name="HumanoidRun")))
+        assert jax.config.jax_default_matmul_precision == "highest"
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+
+
+def test_compilation_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("GORL_COMPILATION_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert common.compilation_cache_dir("gpu") == str(tmp_path / "gorl" / "jax")
+    assert common.compilation_cache_dir("cpu") is None  # XLA:CPU warns at length about cached programs
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
+    assert common.compilation_cache_dir("cpu") == "/somewhere"
+    monkeypatch.setenv("GORL_COMPILATION_CACHE", "0")
+    assert common.compilation_cache_dir("gpu") is None

@@ -180,7 +180,8 @@ def test_defaults_are_the_released_values(name):
 
 
 def test_task_dependent_flags_default_to_none_and_resolve_per_task():
-    assert set(ppo.TASK_DEFAULTS) == {"learning_rate", "clip_eps", "discount", "max_grad_norm", "deterministic_eval"}
+    assert set(ppo.TASK_DEFAULTS) == {"learning_rate", "clip_eps", "discount", "max_grad_norm", "deterministic_eval",
+                                      "matmul_precision"}
     assert all(getattr(ppo.Args(), name) is None for name in ppo.TASK_DEFAULTS)
     cases = {
         "CartpoleBalance": dict(discount=0.995, learning_rate=3e-4, clip_eps=0.1, deterministic_eval=True),
