@@ -169,6 +169,7 @@ def main(argv=None):
     for i, (algo, task) in enumerate([("ppo", tasks[-1]), ("gorl_fm", tasks[-1]), ("gorl_fm", tasks[0])], start=10):
         steps.append(training_step(algo, task, seeds[-1], layout, budget_steps, runs_root, i))
 
+    steps = list({step[0]: step for step in steps}.values())  # --quick has one task: no step twice
     start, results = time.time(), []
     for name, command, timeout, runs_dir in steps:
         left = ns.budget - (time.time() - start)
