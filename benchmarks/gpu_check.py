@@ -136,7 +136,7 @@ def main(argv=None):
                   "--num-epochs", "2", "--num-eval-envs", "8"]
         iteration = 64 * 2 * 30
         tasks, seeds = ["CartpoleBalance"], [1, 2]
-        refine = [("4096 envs, all episodes at once", ["--refine-episodes", "64", "--timed-steps", "100",
+        refine = [("64 envs, all episodes at once", ["--refine-episodes", "64", "--timed-steps", "100",
                                                        "--refine-batch-size", "1024"]),
                   ("64 envs at a time", ["--refine-episodes", "128", "--refine-envs", "64", "--collect-only"])]
         tests = ["tests/test_fpo.py"]
