@@ -327,7 +327,8 @@ def test_run_folder_contents(first_run):
     assert config["num_envs"] == 16 and config["actor_hidden"] == [32, 32, 32, 32]
     # The task-dependent flags are recorded as resolved for CartpoleBalance.
     assert {k: config[k] for k in ppo.TASK_DEFAULTS} == {
-        "learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0, "deterministic_eval": True}
+        "learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0, "deterministic_eval": True,
+        "matmul_precision": "default"}
     assert config["entropy"] == "tanh" and config["normalizer_update"] == "after"
 
     rows = read_csv(os.path.join(run_dir, "metrics.csv"))
