@@ -28,7 +28,6 @@ column then says "n/a". Report: benchmarks/results/gpu_check.md (--out).
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import os
 import shutil
@@ -39,6 +38,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import plot  # noqa: E402  (the run-folder readers)
 ITERATION = 983_040  # the paper's iteration: 2048 envs x 480 steps
 
 ENVIRONMENT = r"""
@@ -109,17 +111,17 @@ def run_step(command, timeout, env=None):
 
 
 def training_figures(runs_dir, num_seeds, steps):
-    """steps/s of all seeds together (median over the iterations after the first) and the
-    compilation time (first iteration minus a later one), from the runs' metrics.csv."""
-    rates = []
-    for path in glob.glob(os.path.join(runs_dir, "*", "metrics.csv")):
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if r.get("perf/steps_per_second")]
-        rates.append([float(r["perf/steps_per_second"]) for r in rows])
-    if not rates or len(rates[0]) < 2:
+    """steps/s of all seeds together (each seed's metrics.csv has its own rate: the median over
+    the iterations after the first, times the seeds) and the compilation time (first iteration
+    minus a later one)."""
+    paths = sorted(glob.glob(os.path.join(runs_dir, "*", "metrics.csv")))
+    if not paths:
         return "no iterations logged"
-    first, later = rates[0][0], sorted(rates[0][1:])[len(rates[0][1:]) // 2]
-    total = later * max(num_seeds, len(rates))
+    _, rates = plot.metric_curve(plot.load_run(os.path.dirname(paths[0]))["rows"], "perf/steps_per_second")
+    if len(rates) < 2:
+        return "no iterations logged"
+    first, later = rates[0], sorted(rates[1:])[len(rates[1:]) // 2]
+    total = later * max(num_seeds, len(paths))
     return (f"{total:,.0f} steps/s ({num_seeds} seed(s) together); first iteration {steps / first:.1f} s, "
             f"a later one {steps / later:.1f} s: compilation about {steps / first - steps / later:.0f} s")
 
