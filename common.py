@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Callable, NamedTuple
@@ -49,6 +50,7 @@ import optax  # noqa: E402
 from brax.envs.wrappers import training as brax_wrappers  # noqa: E402
 from mujoco_playground import registry  # noqa: E402
 from mujoco_playground import wrapper as playground_wrapper  # noqa: E402
+from mujoco_playground._src import mjx_env  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -64,10 +66,18 @@ def dmc_env_names() -> tuple[str, ...]:
     return tuple(registry.dm_control_suite.ALL_ENVS)
 
 
+def playground_env_names() -> tuple[str, ...]:
+    """Every task in MuJoCo Playground's registry: DMC, locomotion and manipulation."""
+    return tuple(registry.ALL_ENVS)
+
+
 def env_name_check(name: str) -> tuple[bool, str]:
     """(is valid, error message listing the valid names), for `check_args`."""
-    names = dmc_env_names()
-    return name in names, f"unknown task {name!r}; valid DMC tasks are: {', '.join(names)}"
+    return name in playground_env_names(), (
+        f"unknown task {name!r}; valid MuJoCo Playground tasks are the DMC tasks {', '.join(dmc_env_names())}; "
+        f"the locomotion tasks {', '.join(registry.locomotion.ALL_ENVS)}; and the manipulation tasks "
+        f"{', '.join(registry.manipulation.ALL_ENVS)}. To train on your own environment, pass it to main() "
+        "(README, \"Your own environment\")")
 
 
 def check_args(checks: list[tuple[bool, str]]) -> None:
@@ -78,12 +88,14 @@ def check_args(checks: list[tuple[bool, str]]) -> None:
 
 
 def ppo_layout_checks(args) -> list[tuple[bool, str]]:
-    """The flag checks every PPO-family script shares (task, backend, batch layout, evaluation),
-    for `check_args`: one iteration is batch_size * num_minibatches sequences of unroll_length
-    steps, spread evenly over num_envs environments."""
+    """The flag checks every PPO-family script shares (backend, episode length, batch layout,
+    evaluation), for `check_args`: one iteration is batch_size * num_minibatches sequences of
+    unroll_length steps, spread evenly over num_envs environments. (The task name is checked
+    where it is loaded, `load_playground_env`: a script given its own environment never uses it.)"""
     sequences = args.batch_size * args.num_minibatches
     return [
-        env_name_check(args.env_name),
+        (args.episode_length is None or args.episode_length > 0,
+         f"--episode-length must be positive, got {args.episode_length}"),
         (args.impl in IMPLS, f"--impl must be one of {IMPLS}, got {args.impl!r}"),
         (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
          "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
@@ -160,34 +172,112 @@ def resolve_task_settings(args, algo: str, defaults: dict):
     return dataclasses.replace(args, **resolved)
 
 
-def make_env(name: str, impl: str = "jax", episode_length: int = EPISODE_LENGTH, brax_env=None):
-    """A batched DMC task: auto-reset, episode bookkeeping, tanh-squashed actions.
+def make_env(env, impl: str = "jax", episode_length: int | None = None):
+    """A batched task: auto-reset, episode bookkeeping, tanh-squashed actions.
 
-    `reset` takes a batch of keys, `step` a batch of *pre-squash* actions `a`; the simulator
-    receives `tanh(a)`. Episodes end after `episode_length` steps as a truncation (not a
-    terminal: `info["truncation"]` is 1, `done` is 1); a task's own early termination is a
-    terminal (`done` 1, `truncation` 0). Brax-style auto-reset then replaces the observation
-    with the new episode's first one, so the true last observation is kept in
-    `info["next_obs"]` (equal to `obs` on every other step).
+    `env`: a MuJoCo Playground task name (any of `playground_env_names()`), or an environment
+    object: a Playground `MjxEnv` (yours too) or a Brax `Env` / `PipelineEnv`. The contract is
+    theirs: `reset(key) -> state`, `step(state, action) -> state` with `state.obs` (an array,
+    or a dict with a "state" entry and optionally a "privileged_state" entry for the critic),
+    `state.reward`, `state.done` (1 at a termination) and `state.info`; actions in [-1, 1].
 
-    `brax_env`: a bare Brax environment to wrap the same way instead of the Playground task
-    `name` (gorl_sac.py's Gym locomotion tasks). Brax environments hold `pipeline_state`, not
-    Playground's `data`, so Brax's AutoResetWrapper takes the place of Playground's.
+    `reset` of the result takes a batch of keys, `step` a batch of *pre-squash* actions `a`; the
+    environment receives `tanh(a)`. Episodes end after `episode_length` steps (None: the
+    environment config's `episode_length`, else 1000) as a truncation (`info["truncation"]` 1,
+    `done` 1); the task's own early termination is a terminal (`done` 1, `truncation` 0).
+    Auto-reset then replaces the observation with the new episode's first one, so the true last
+    observation is kept in `info["next_obs"]` (equal to `obs` on every other step). The result's
+    `episode_length` attribute is the length it applies.
     """
-    if brax_env is None:
-        ok, message = env_name_check(name)
-        if not ok:
-            raise ValueError(message)
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
-        env, auto_reset = registry.load(name, config_overrides={"impl": impl}), playground_wrapper.BraxAutoResetWrapper
+    if isinstance(env, str):
+        env = load_playground_env(env, impl)
     else:
-        env, auto_reset = brax_env, brax_wrappers.AutoResetWrapper
+        notice = action_range_notice(env)
+        if notice:
+            print(notice, flush=True)
+    check_observation(env.observation_size)
+    if episode_length is None:
+        episode_length = getattr(getattr(env, "_config", None), "episode_length", None) or EPISODE_LENGTH
+    # Playground's auto-reset keeps MJX `data`; Brax's keeps `pipeline_state`.
+    auto_reset = (playground_wrapper.BraxAutoResetWrapper if isinstance(env, mjx_env.MjxEnv)
+                  else brax_wrappers.AutoResetWrapper)
     env = brax_wrappers.VmapWrapper(env)
     env = brax_wrappers.EpisodeWrapper(env, episode_length, action_repeat=1)
     env = _KeepNextObs(env)
-    env = auto_reset(env)
-    return _SquashAction(env)
+    env = _SquashAction(auto_reset(env))
+    env.episode_length = int(episode_length)
+    return env
+
+
+MENAGERIE_MESSAGE = """MuJoCo Playground could not load {name!r}: its robot model comes from mujoco_menagerie,
+which Playground clones with git into {path} on first use (this failed: {error}).
+With no network here, clone it where there is one and copy it over:
+    git clone https://github.com/deepmind/mujoco_menagerie.git
+    git -C mujoco_menagerie checkout {commit}
+    cp -r mujoco_menagerie {path}
+(remove a partial {path} first). The DMC tasks need no download."""
+
+
+def load_playground_env(name: str, impl: str = "jax"):
+    """`registry.load(name)` on the given physics backend. An unknown name stops with the list of
+    valid ones; a task whose assets are missing (the menagerie clone failed: no network, no git)
+    stops with what to provide, not a git error."""
+    ok, message = env_name_check(name)
+    if not ok:
+        sys.exit(f"error: {message}")
+    if impl not in IMPLS:
+        sys.exit(f"error: unknown impl {impl!r}; choose one of {IMPLS}")
+    if name in dmc_env_names():
+        return registry.load(name, config_overrides={"impl": impl})
+    try:
+        return registry.load(name, config_overrides={"impl": impl})
+    except Exception as error:  # a failed clone, or the missing files of a partial one
+        raise SystemExit("error: " + MENAGERIE_MESSAGE.format(
+            name=name, path=mjx_env.MENAGERIE_PATH, commit=mjx_env.MENAGERIE_COMMIT_SHA,
+            error=f"{type(error).__name__}: {error}")) from error
+
+
+def check_observation(observation_size) -> None:
+    """Observations are an array or a dict with a "state" entry (the actor's, the encoder's and
+    the decoder's input); a "privileged_state" entry, when there is one, is the critic's."""
+    if isinstance(observation_size, dict) and "state" not in observation_size:
+        raise ValueError(f"the environment's observation is a dict with the keys {', '.join(observation_size)}; "
+                         "it needs a \"state\" entry (the policy's input) and may have a \"privileged_state\" "
+                         "entry (the critic's)")
+
+
+def observation_sizes(size) -> tuple[int, int]:
+    """(policy input size, critic input size) of an environment's `observation_size`: of "state"
+    and "privileged_state" (else "state") for a dict observation, else the array's size."""
+    if not isinstance(size, dict):
+        return int(size), int(size)
+    flat = lambda shape: int(np.prod(shape))  # noqa: E731
+    return flat(size["state"]), flat(size.get("privileged_state", size["state"]))
+
+
+def policy_input(obs):
+    """The policy's (actor's, encoder's, decoder's) part of an observation."""
+    return obs["state"] if isinstance(obs, dict) else obs
+
+
+def critic_input(obs):
+    """The critic's part of an observation: the privileged state where the task has one."""
+    return obs.get("privileged_state", obs["state"]) if isinstance(obs, dict) else obs
+
+
+def action_range_notice(env) -> str | None:
+    """A line for a user's MJX environment whose actuators' ctrlrange is not [-1, 1]: the
+    algorithms act in [-1, 1] (tanh), and scaling to the actuators is the environment's job."""
+    model = getattr(env, "mj_model", None)
+    if model is None or not model.nu:
+        return None
+    ranges = np.asarray(model.actuator_ctrlrange)
+    limited = np.asarray(model.actuator_ctrllimited, bool) if hasattr(model, "actuator_ctrllimited") else True
+    if np.all(~limited | ((ranges[:, 0] == -1) & (ranges[:, 1] == 1))):
+        return None
+    return (f"note: the environment receives actions in [-1, 1] (tanh of the policy's output); its actuators' ctrlrange "
+            f"is {ranges.tolist()}. If its step() writes the action to data.ctrl unscaled, scale it there "
+            "(MuJoCo Playground's convention: low + (a + 1) / 2 * (high - low)).")
 
 
 class _KeepNextObs(playground_wrapper.Wrapper):
@@ -249,12 +339,18 @@ class Normalizer(NamedTuple):
     m2: jax.Array  # sum of squared deviations from the mean
 
 
-def normalizer_init(size: int) -> Normalizer:
+def normalizer_init(size) -> Normalizer:
+    """Empty statistics for observations of `size`; for a dict observation (`size` a dict of
+    shapes), a dict of them: each entry keeps its own statistics."""
+    if isinstance(size, dict):
+        return {k: normalizer_init(int(np.prod(v))) for k, v in size.items()}
     return Normalizer(jnp.zeros(()), jnp.zeros(size), jnp.zeros(size))
 
 
 def normalizer_update(norm: Normalizer, batch: jax.Array) -> Normalizer:
     """Merge a batch (any leading shape) into the statistics without summing raw squares."""
+    if isinstance(norm, dict):
+        return {k: normalizer_update(norm[k], batch[k]) for k in norm}
     batch = batch.reshape(-1, norm.mean.shape[-1])
     n_b = batch.shape[0]
     mean_b = batch.mean(axis=0)
@@ -267,6 +363,8 @@ def normalizer_update(norm: Normalizer, batch: jax.Array) -> Normalizer:
 
 
 def normalize(norm: Normalizer, obs: jax.Array, eps: float = 1e-8) -> jax.Array:
+    if isinstance(norm, dict):
+        return {k: normalize(norm[k], obs[k], eps) for k in norm}
     var = norm.m2 / jnp.maximum(norm.count, 1.0)
     # Before any data the statistics are (0, 0): pass observations through unchanged.
     std = jnp.where(norm.count > 0, jnp.sqrt(var + eps), 1.0)
@@ -430,15 +528,19 @@ def rollout(env, env_state, policy: Callable, key: jax.Array, num_steps: int, fr
 
 
 def collect_episodes(env, policy: Callable, key: jax.Array, num_episodes: int, num_envs: int,
-                     episode_length: int = EPISODE_LENGTH) -> dict:
+                     episode_length: int | None = None) -> dict:
     """`num_episodes` full episodes of `policy`, each from its own freshly drawn start state.
 
     The episodes run `num_envs` at a time (`num_envs` divides `num_episodes`): every batch
-    resets its environments with a new key and runs exactly one episode in each, so no episode
-    restarts from a start state the auto-reset cached. One batch of all the episodes is one
-    `episode_length`-step rollout, the fewest sequential steps; smaller batches trade time
-    for memory. Returns `rollout`'s arrays as [episode_length, num_episodes, ...].
+    resets its environments with a new key and runs `episode_length` steps (None: the
+    environment's) in each, so no episode restarts from a start state the auto-reset cached.
+    A task that terminates early restarts the episode from the same start state and runs it
+    until the block's end: every step is still the policy's, and the block is still one start
+    state's data (`split_episodes` keeps blocks whole). One batch of all the episodes is one
+    rollout, the fewest sequential steps; smaller batches trade time for memory. Returns
+    `rollout`'s arrays as [episode_length, num_episodes, ...].
     """
+    episode_length = episode_length or env.episode_length
 
     def one_batch(key):
         k_reset, k_rollout = jax.random.split(key)
@@ -486,23 +588,137 @@ def gae(
     return advantages
 
 
-def value_targets(
-    value_fn: Callable, data: dict, reward_scaling: float, discount: float, lam: float
+def gae_release(
+    rewards: jax.Array,
+    values: jax.Array,
+    next_values: jax.Array,
+    terminations: jax.Array,
+    truncations: jax.Array,
+    discount: float,
+    lam: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """GAE advantages and value targets (advantage + value) of a rollout, given
-    `value_fn(raw_observations) -> values` (normalization is the caller's)."""
-    values = value_fn(data["obs"])
-    next_values = value_fn(data["next_obs"])
-    advantages = gae(
-        data["reward"] * reward_scaling,
-        values,
-        next_values,
-        data["termination"],
-        data["episode_done"],
-        discount,
-        lam,
-    )
+    """Advantages and value targets as Brax's `compute_gae` (and the FPO code the release runs)
+    computes them along the leading (time) axis; returns (advantages, targets).
+
+    Two differences from `gae`: a truncated step gets advantage 0 and target V (it is left out
+    of both losses, not bootstrapped), and the policy's advantage is the one-step form
+    r + gamma * target(t+1) - V(t) (IMPALA's), where `gae`'s is the lambda-return's.
+    `next_values` stand for Brax's values[1:] and bootstrap value: they agree wherever Brax's
+    are not multiplied by 0 (a termination or a masked truncation).
+    """
+    mask = 1.0 - truncations
+    deltas = (rewards + discount * (1.0 - terminations) * next_values - values) * mask
+
+    def backward(acc, x):
+        delta, termination, keep = x
+        acc = delta + discount * lam * (1.0 - termination) * keep * acc
+        return acc, acc
+
+    _, acc = jax.lax.scan(backward, jnp.zeros_like(deltas[0]), (deltas, terminations, mask), reverse=True)
+    targets = acc + values
+    next_targets = jnp.concatenate([targets[1:], next_values[-1:]], axis=0)
+    advantages = (rewards + discount * (1.0 - terminations) * next_targets - values) * mask
+    return advantages, targets
+
+
+GAE_FORMS = ("standard", "release")
+
+
+def advantages_and_targets(
+    values: jax.Array, next_values: jax.Array, data: dict, reward_scaling: float, discount: float,
+    lam: float, form: str = "standard",
+) -> tuple[jax.Array, jax.Array]:
+    """Advantages and value targets of time-major `data` (rewards, terminations, ...) given the
+    critic's values of its observations and of its true next observations.
+
+    form "standard": GAE(lambda) (`gae`), target = advantage + value; "release": `gae_release`.
+    """
+    rewards = data["reward"] * reward_scaling
+    if form == "release":
+        return gae_release(rewards, values, next_values, data["termination"], data["truncation"], discount, lam)
+    advantages = gae(rewards, values, next_values, data["termination"], data["episode_done"], discount, lam)
     return advantages, advantages + values
+
+
+def value_targets(
+    value_fn: Callable, data: dict, reward_scaling: float, discount: float, lam: float, form: str = "standard"
+) -> tuple[jax.Array, jax.Array]:
+    """GAE advantages and value targets of a rollout, given `value_fn(raw_observations) ->
+    values` (normalization is the caller's); `form` as in `advantages_and_targets`."""
+    return advantages_and_targets(
+        value_fn(data["obs"]), value_fn(data["next_obs"]), data, reward_scaling, discount, lam, form
+    )
+
+
+def to_sequences(x: jax.Array, unroll_length: int) -> jax.Array:
+    """Rollout arrays [T, num_envs, ...] cut into [T // unroll_length * num_envs, unroll_length,
+    ...] consecutive-step sequences (Brax's unrolls), each within one environment."""
+    T, n = x.shape[:2]
+    x = x.reshape(T // unroll_length, unroll_length, n, *x.shape[2:])
+    return jnp.moveaxis(x, 2, 1).reshape(-1, unroll_length, *x.shape[3:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The PPO family's epochs data and per-minibatch targets (ppo, fpo, dppo, and GoRL's latent PPO)
+# ---------------------------------------------------------------------------------------------
+
+ADVANTAGE_TIMINGS = ("rollout", "minibatch")
+MINIBATCH_UNITS = ("transition", "sequence")
+NORMALIZER_UPDATES = ("after", "before")
+
+
+def ppo_update_checks(args) -> list[tuple[bool, str]]:
+    """The checks of the flags that choose how a PPO-family update computes its targets."""
+    return [
+        (args.advantages in ADVANTAGE_TIMINGS, f"--advantages must be one of {ADVANTAGE_TIMINGS}, got {args.advantages!r}"),
+        (args.minibatch_unit in MINIBATCH_UNITS,
+         f"--minibatch-unit must be one of {MINIBATCH_UNITS}, got {args.minibatch_unit!r}"),
+        (args.advantages != "minibatch" or args.minibatch_unit == "sequence",
+         "--advantages minibatch runs GAE along each minibatch's sequences: it needs --minibatch-unit sequence"),
+        (args.gae_form in GAE_FORMS, f"--gae-form must be one of {GAE_FORMS}, got {args.gae_form!r}"),
+        (args.normalizer_update in NORMALIZER_UPDATES,
+         f"--normalizer-update must be one of {NORMALIZER_UPDATES}, got {args.normalizer_update!r}"),
+    ]
+
+
+def ppo_epochs_data(data: dict, norm, critic: Callable, args, **fields) -> dict:
+    """What the epochs of a PPO-family update train on, from a rollout's [T, num_envs, ...] arrays.
+
+    Observations normalized with `norm`, the policy's `fields` (actions, log-probabilities, ...),
+    and the value targets' ingredients: with --advantages rollout, GAE advantages and targets
+    over each environment's whole rollout, from `critic` (normalized observations -> values)
+    before the epochs; with --advantages minibatch (Brax's and the release's), the rewards, episode
+    ends and next observations, for `minibatch_targets` to run GAE with the current critic.
+    Cut into whole unroll_length sequences (--minibatch-unit sequence, Brax's) or single steps.
+    """
+    batch = {"obs": normalize(norm, data["obs"]), **fields}
+    next_obs = normalize(norm, data["next_obs"])
+    if args.advantages == "rollout":
+        batch["advantage"], batch["target"] = advantages_and_targets(
+            critic(batch["obs"]), critic(next_obs), data, args.reward_scaling, args.discount, args.gae_lambda,
+            args.gae_form)
+    else:
+        batch.update(next_obs=next_obs, **{k: data[k] for k in ("reward", "termination", "truncation", "episode_done")})
+    if args.minibatch_unit == "sequence":
+        return jax.tree.map(lambda x: to_sequences(x, args.unroll_length), batch)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+
+
+def minibatch_targets(batch: dict, values: jax.Array, critic: Callable, args) -> tuple[jax.Array, jax.Array, dict]:
+    """(advantages normalized over the minibatch (Brax's normalize_advantage), value targets,
+    metrics) of one minibatch of `ppo_epochs_data`, given the current critic's `values` of its
+    observations. With --advantages minibatch, GAE runs here along each [sequence, step] row with
+    the current critic, so advantages and targets are refreshed at every epoch."""
+    if args.advantages == "minibatch":
+        time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        advantage, target = jax.lax.stop_gradient(jax.tree.map(time_major, advantages_and_targets(
+            time_major(values), time_major(critic(batch["next_obs"])), jax.tree.map(time_major, batch),
+            args.reward_scaling, args.discount, args.gae_lambda, args.gae_form)))
+    else:
+        advantage, target = batch["advantage"], batch["target"]
+    normalized = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    # How much of the targets the critic explains, minibatch by minibatch through the epochs.
+    return normalized, target, {"critic/explained_variance": explained_variance(jax.lax.stop_gradient(values), target)}
 
 
 def clipped_surrogate(log_ratio: jax.Array, advantages: jax.Array, clip_eps: float):
@@ -550,8 +766,9 @@ def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_
 def split_episodes(data: dict, key: jax.Array, val_fraction: float, episode_length: int = EPISODE_LENGTH):
     """Split a rollout's arrays [T, num_envs, ...] into (train, validation) by whole episodes.
 
-    An episode is a block of `episode_length` consecutive steps of one environment (DMC tasks
-    never terminate early, so these are exactly the episodes). `max(1, int(n * val_fraction))`
+    An episode is a block of `episode_length` consecutive steps of one environment, from one
+    start state (`collect_episodes`; on a task that terminates early, the block also holds the
+    episode restarted from that start state). `max(1, int(n * val_fraction))`
     of the n episodes, chosen at random, are held out; both parts come back flattened to
     [transitions, ...]. Holding out episodes, not transitions, keeps correlated neighbouring
     steps of one episode from sitting on both sides of the split.
@@ -614,8 +831,9 @@ def fit_keep_best(loss_fn: Callable, val_fn: Callable, params: Any, optimizer, t
 # ---------------------------------------------------------------------------------------------
 
 
-def make_evaluator(env, num_envs: int = 128, episode_length: int = EPISODE_LENGTH):
-    """`evaluate(act, key)`: one full episode in each of `num_envs` environments.
+def make_evaluator(env, num_envs: int = 128, episode_length: int | None = None):
+    """`evaluate(act, key)`: one full episode in each of `num_envs` environments, of at most
+    `episode_length` steps (None: the environment's).
 
     Returns {"eval/return": mean return, "eval/return_std": its standard deviation over the
     episodes, "eval/episode_length": mean length}. `act(obs, key) -> pre_squash_action` (the
@@ -623,6 +841,7 @@ def make_evaluator(env, num_envs: int = 128, episode_length: int = EPISODE_LENGT
     ignores it, a stochastic evaluation (the release's humanoid profile) samples with it.
     Rewards after an environment's first episode end are not counted.
     """
+    episode_length = episode_length or env.episode_length
 
     def evaluate(act: Callable, key: jax.Array) -> dict:
         state = reset_envs(env, key, num_envs)
@@ -768,7 +987,8 @@ class Run:
         self.dir = run_dir
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         config_path = os.path.join(run_dir, "config.json")
-        if not os.path.exists(config_path):
+        self.new = not os.path.exists(config_path)  # (not a resumed run)
+        if self.new:
             # seed_group: the folders of the seeds trained in the same process (--num-seeds).
             group = {"seed_group": seed_group} if seed_group else {}
             with open(config_path, "w") as f:
@@ -958,8 +1178,12 @@ def device_layout(num_seeds: int, num_envs: int, num_devices: int) -> str | None
 
 
 def over_seeds(x, fmt: str = ".1f") -> str:
-    """A per-seed value for the console: the value for one seed, else the mean [min, max]."""
+    """A per-seed value for the console: the value for one seed, else the mean [min, max] of
+    the seeds that have one; "-" while none has (no training episode has finished yet)."""
     x = np.asarray(x, dtype=float).reshape(-1)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return "-"
     if x.size == 1:
         return format(x[0], fmt)
     return f"{format(x.mean(), fmt)} [{format(x.min(), fmt)}, {format(x.max(), fmt)}]"
@@ -1173,6 +1397,10 @@ class Runs:
     def close(self) -> None:
         for run in self.runs:
             run.close()
+            if run.new and not run.rows and not os.listdir(os.path.join(run.dir, "checkpoints")):
+                # Stopped before its first iteration (an error, Ctrl-C while compiling): nothing to keep.
+                shutil.rmtree(run.dir, ignore_errors=True)
+                print(f"nothing was trained: removed the empty run folder {run.dir}", flush=True)
 
 
 def run_iterations(

@@ -51,6 +51,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    episode_length: int | None = None
+    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
     matmul_precision: str | None = None
     """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     total_timesteps: int = 180_000_000
@@ -81,6 +83,14 @@ class Args:
     """clip L_cfm_old - L_cfm_new to [-this, this] before exp, only so that it stays finite (released: no clip)"""
     vf_coef: float = 0.25
     """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
+    advantages: str = "rollout"
+    """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
+    minibatch_unit: str = "transition"
+    """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
+    gae_form: str = "standard"
+    """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
+    normalizer_update: str = "after"
+    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     num_flow_steps: int = 10
@@ -115,6 +125,14 @@ class Args:
     """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
 
 
+def make_env(args: Args):
+    """The environment this script trains on, before `common.make_env` wraps it: the MuJoCo
+    Playground task `args.env_name`. To train on your own task, return your environment here (a
+    Playground `MjxEnv` or a Brax `Env`), or pass it to `main(args, env)` (README, "Your own
+    environment")."""
+    return common.load_playground_env(args.env_name, args.impl)
+
+
 def steps_per_iteration(args: Args) -> int:
     return args.batch_size * args.num_minibatches * args.unroll_length
 
@@ -135,6 +153,7 @@ def validate(args: Args) -> None:
     args = resolve(args)
     common.check_args([
         *common.ppo_layout_checks(args),
+        *common.ppo_update_checks(args),
         *common.seed_checks(args),
         (0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}"),
         (args.total_timesteps >= steps_per_iteration(args),
@@ -152,23 +171,27 @@ def validate(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def init_params(key, obs_size: int, action_size: int, args: Args):
+def init_params(key, observation_size, action_size: int, args: Args):
+    """`observation_size`: the environment's (an int, or a dict of shapes whose "state" is the
+    actor's input and "privileged_state", if any, the critic's)."""
+    policy_size, critic_size = common.observation_sizes(observation_size)
     k_actor, k_critic = jax.random.split(key)
     return {
         "actor": common.mlp_init(
-            k_actor, [obs_size + action_size + common.TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
+            k_actor, [policy_size + action_size + common.TIME_EMBEDDING_SIZE, *args.actor_hidden, action_size]
         ),
-        "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1]),
+        "critic": common.mlp_init(k_critic, [critic_size, *args.critic_hidden, 1]),
     }
 
 
 def velocity(params, obs, x_t, t, scale: float):
     """v(x_t, t, s) = scale * network([normalized obs, x_t, embedding of t])."""
+    obs = common.policy_input(obs)
     return scale * common.mlp_apply(params, jnp.concatenate([obs, x_t, common.time_embedding(t)], axis=-1))
 
 
 def critic(params, obs):
-    return common.mlp_apply(params, obs)[..., 0]
+    return common.mlp_apply(params, common.critic_input(obs))[..., 0]
 
 
 def sample_action(params, obs, x_0, args: Args):
@@ -199,6 +222,7 @@ def cfm_losses(params, obs, action, t, eps, args: Args):
     obs [..., O], action [..., A], t [..., N], eps [..., N, A] -> [..., N]."""
     a = action[..., None, :]
     x_t = (1.0 - t[..., None]) * eps + t[..., None] * a
+    obs = common.policy_input(obs)
     obs = jnp.broadcast_to(obs[..., None, :], (*eps.shape[:-1], obs.shape[-1]))
     v = velocity(params, obs, x_t, t, args.velocity_scale)
     if args.cfm_target == "eps":
@@ -221,10 +245,13 @@ def fpo_log_ratio(params, batch, args: Args):
 def fpo_loss(params, batch, args: Args):
     """PPO's clipped surrogate with the FPO ratio + value regression; no entropy term."""
     log_ratio, cfm_new = fpo_log_ratio(params["actor"], batch, args)
-    # Advantages normalized per minibatch (Brax's normalize_advantage).
-    advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
+    # Advantages normalized per minibatch (Brax's normalize_advantage), computed here with the
+    # current critic under --advantages minibatch.
+    values = critic(params["critic"], batch["obs"])
+    advantages, target, critic_metrics = common.minibatch_targets(
+        batch, values, lambda obs: critic(params["critic"], obs), args)
     policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(log_ratio, advantages, args.clip_eps)
-    value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    value_loss = jnp.mean((values - target) ** 2)
     loss = policy_loss + args.vf_coef * value_loss
     return loss, {
         "loss/total": loss,
@@ -234,6 +261,7 @@ def fpo_loss(params, batch, args: Args):
         "policy/log_ratio": log_ratio.mean(),
         "policy/clip_fraction": clip_fraction,
         "policy/approx_kl": approx_kl,
+        **critic_metrics,
     }
 
 
@@ -258,10 +286,10 @@ def make_policy(actor_params, norm, args: Args):
         k_x0, k_t, k_eps = jax.random.split(key, 3)
         obs = common.normalize(norm, obs)
         action_size = actor_params[-1]["b"].shape[0]
-        x_0 = jax.random.normal(k_x0, (*obs.shape[:-1], action_size))
+        x_0 = jax.random.normal(k_x0, (*common.policy_input(obs).shape[:-1], action_size))
         action = sample_action(actor_params, obs, x_0, args)
-        t = jax.random.uniform(k_t, (*obs.shape[:-1], args.num_cfm_samples))
-        eps = jax.random.normal(k_eps, (*obs.shape[:-1], args.num_cfm_samples, action_size))
+        t = jax.random.uniform(k_t, (*common.policy_input(obs).shape[:-1], args.num_cfm_samples))
+        eps = jax.random.normal(k_eps, (*common.policy_input(obs).shape[:-1], args.num_cfm_samples, action_size))
         return action, {"cfm_t": t, "cfm_eps": eps, "cfm_loss": cfm_losses(actor_params, obs, action, t, eps, args)}
 
     return policy
@@ -282,28 +310,18 @@ def make_train_iteration(env, optimizer, args: Args):
         policy = make_policy(params["actor"], norm, args)
         env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps,
                                          fresh_start_states=args.fresh_start_states)
-        advantages, targets = common.value_targets(
-            lambda obs: critic(params["critic"], common.normalize(norm, obs)),
-            data, args.reward_scaling, args.discount, args.gae_lambda,
-        )
-        batch = {
-            "obs": common.normalize(norm, data["obs"]),
-            "action": data["action"],
-            "cfm_t": data["cfm_t"],
-            "cfm_eps": data["cfm_eps"],
-            "cfm_loss": data["cfm_loss"],
-            "advantage": advantages,
-            "target": targets,
-        }
-        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+        if args.normalizer_update == "before":
+            # Brax's order: the epochs see statistics that include this rollout (ratio not 1 at first).
+            norm = common.normalizer_update(norm, data["obs"])
+        batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
+                                       action=data["action"], cfm_t=data["cfm_t"], cfm_eps=data["cfm_eps"], cfm_loss=data["cfm_loss"])
         (params, opt_state), metrics = common.minibatch_sgd(
             update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches
         )
-        # Updated after the epochs, so the old CFM losses stay those of the exact rollout inputs.
-        norm = common.normalizer_update(norm, data["obs"])
+        if args.normalizer_update == "after":
+            # Updated after the epochs, so the old CFM losses stay those of the exact rollout inputs.
+            norm = common.normalizer_update(norm, data["obs"])
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
-        # How much of the return targets the critic explained before this iteration's epochs.
-        metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
         return TrainState(params, opt_state, norm, env_state), metrics
 
     return train_iteration
@@ -311,24 +329,27 @@ def make_train_iteration(env, optimizer, args: Args):
 
 def act(params, norm, obs, action_size: int, args: Args):
     """The deterministic evaluation policy: the flow integrated from the noise's mean, x_0 = 0."""
-    x_0 = jnp.zeros((*obs.shape[:-1], action_size))
+    x_0 = jnp.zeros((*common.policy_input(obs).shape[:-1], action_size))
     return sample_action(params["actor"], common.normalize(norm, obs), x_0, args)
 
 
 def act_sampled(params, norm, obs, key, action_size: int, args: Args):
     """The released evaluation policy: the flow integrated from a fresh draw x_0 ~ N(0, I)."""
-    x_0 = jax.random.normal(key, (*obs.shape[:-1], action_size))
+    x_0 = jax.random.normal(key, (*common.policy_input(obs).shape[:-1], action_size))
     return sample_action(params["actor"], common.normalize(norm, obs), x_0, args)
 
 
-def main(args: Args) -> None:
+def main(args: Args, env=None) -> None:
+    """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
+    `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)  # config.json records the resolved values
     validate(args)
     common.start_runtime(args)
 
-    env = common.make_env(args.env_name, args.impl)
+    env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
+    args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
     optimizer = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
         optax.adam(args.learning_rate),

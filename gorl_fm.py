@@ -45,6 +45,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    episode_length: int | None = None
+    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
     matmul_precision: str | None = None
     """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     stage_steps: tuple[int, ...] | None = None
@@ -73,6 +75,14 @@ class Args:
     """value loss coefficient: the value loss is vf_coef * mean((V - target)^2)"""
     ent_coef: float = 0.01
     """entropy bonus coefficient of the latent policy"""
+    advantages: str = "rollout"
+    """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
+    minibatch_unit: str = "transition"
+    """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
+    gae_form: str = "standard"
+    """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
+    normalizer_update: str = "after"
+    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     stage0_clip_eps: float | None = None
@@ -171,6 +181,14 @@ class Args:
     """run folder to resume from its last completed stage (its config.json replaces the other flags)"""
 
 
+def make_env(args: Args):
+    """The environment this script trains on, before `common.make_env` wraps it: the MuJoCo
+    Playground task `args.env_name`. To train on your own task, return your environment here (a
+    Playground `MjxEnv` or a Brax `Env`), or pass it to `main(args, env)` (README, "Your own
+    environment")."""
+    return common.load_playground_env(args.env_name, args.impl)
+
+
 # The values of the flags above that default to None, on a task that common.TASK_SETTINGS and
 # common.PROFILES do not mention (the release's dm_control profile).
 TASK_DEFAULTS = {
@@ -209,6 +227,7 @@ def validate(args: Args) -> None:
     per_iter = steps_per_iteration(args)
     common.check_args([
         *common.ppo_layout_checks(args),
+        *common.ppo_update_checks(args),
         *common.seed_checks(args),
         (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
         (all(n >= per_iter for n in args.stage_steps),
@@ -258,7 +277,8 @@ def init_encoder(key, obs_size: int, latent_size: int, args: Args):
     softplus(b) + 1e-3 = 1 make it the prior. The hidden layers are random, so the encoder can
     move away from the prior as soon as the output layer receives gradients.
     """
-    params = common.mlp_init(key, [obs_size, *args.encoder_hidden, 2 * latent_size])
+    policy_size, _ = common.observation_sizes(obs_size)  # a dict observation's "state"
+    params = common.mlp_init(key, [policy_size, *args.encoder_hidden, 2 * latent_size])
     params[-1] = {
         "w": jnp.zeros_like(params[-1]["w"]),
         "b": jnp.concatenate([jnp.zeros(latent_size), jnp.full(latent_size, common.unit_scale_bias())]),
@@ -268,7 +288,7 @@ def init_encoder(key, obs_size: int, latent_size: int, args: Args):
 
 def encoder(params, obs):
     """Mean and scale of pi_theta(z | s)."""
-    return common.gaussian_from_output(common.mlp_apply(params, obs))
+    return common.gaussian_from_output(common.mlp_apply(params, common.policy_input(obs)))
 
 
 def sample_latent(params, obs, key, bounded: bool):
@@ -289,7 +309,7 @@ def mean_latent(params, obs, bounded: bool):
 
 
 def critic(params, obs):
-    return common.mlp_apply(params, obs)[..., 0]
+    return common.mlp_apply(params, common.critic_input(obs))[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +395,7 @@ def act(state: TrainState, obs, z, args: Args):
     statistics: the action in the decoder's units (pre-squash, or bounded on humanoids);
     `common.env_action` gives what the environment receives. With `sample_latent` (or
     `mean_latent`) this is the whole policy, in training, refinement and evaluation."""
-    return decode(state.decoder, common.normalize(state.decoder_norm, obs), z, args.flow_steps)
+    return decode(state.decoder, common.normalize(state.decoder_norm, common.policy_input(obs)), z, args.flow_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,13 +408,16 @@ def latent_ppo_loss(params, batch, hp, args: Args):
     plus beta * KL(pi_theta(.|s) || N(0, I)) averaged over states (Eq. 3)."""
     mean, scale = encoder(params["encoder"], batch["obs"])
     log_prob = common.gaussian_log_prob(batch["latent"], mean, scale)
-    # Advantages normalized per minibatch (Brax's normalize_advantage).
-    advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
+    # Advantages normalized per minibatch (Brax's normalize_advantage), computed here with the
+    # current critic under --advantages minibatch.
+    values = critic(params["critic"], batch["obs"])
+    advantages, target, critic_metrics = common.minibatch_targets(
+        batch, values, lambda obs: critic(params["critic"], obs), args)
     policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(
         log_prob - batch["log_prob"], advantages, hp["clip_eps"]
     )
     regularizer = common.latent_regularizer(mean, scale, args.latent_regularizer)
-    value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    value_loss = jnp.mean((values - target) ** 2)
     entropy = common.gaussian_entropy(scale).mean()
     loss = policy_loss + hp["kl_beta"] * regularizer + args.vf_coef * value_loss - args.ent_coef * entropy
     return loss, {
@@ -405,6 +428,7 @@ def latent_ppo_loss(params, batch, hp, args: Args):
         "encoder/entropy": entropy,
         "encoder/clip_fraction": clip_fraction,
         "encoder/approx_kl": approx_kl,
+        **critic_metrics,
     }
 
 
@@ -447,27 +471,19 @@ def make_train_iteration(env, optimizer, args: Args):
 
         env_state, data = common.rollout(env, state.env_state, policy, k_rollout, rollout_steps,
                                          fresh_start_states=args.fresh_start_states)
-        advantages, targets = common.value_targets(
-            lambda obs: critic(params["critic"], common.normalize(norm, obs)),
-            data, args.reward_scaling, args.discount, args.gae_lambda,
-        )
-        batch = {
-            "obs": common.normalize(norm, data["obs"]),
-            "latent": data["latent"],
-            "log_prob": data["log_prob"],
-            "advantage": advantages,
-            "target": targets,
-        }
-        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+        if args.normalizer_update == "before":
+            # Brax's order: the epochs see statistics that include this rollout (ratio not 1 at first).
+            norm = common.normalizer_update(norm, data["obs"])
+        batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
+                                       latent=data["latent"], log_prob=data["log_prob"])
         (params, opt_state, _), metrics = common.minibatch_sgd(
             update, (params, state.opt_state, state.hp), batch, k_sgd, args.num_epochs, args.num_minibatches
         )
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
-        # How much of the return targets the critic explained before this iteration's epochs.
-        metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
         metrics["train/action_abs_mean"] = jnp.abs(jnp.tanh(data["action"])).mean()
-        state = state._replace(params=params, opt_state=opt_state, env_state=env_state,
-                               norm=common.normalizer_update(norm, data["obs"]))
+        if args.normalizer_update == "after":  # (so the epochs' first ratio is exactly 1)
+            norm = common.normalizer_update(norm, data["obs"])
+        state = state._replace(params=params, opt_state=opt_state, env_state=env_state, norm=norm)
         return state, metrics
 
     return train_iteration
@@ -494,9 +510,10 @@ def refinement_inputs(batch, key, draws: int, refine_latents: str = "prior"):
 
 
 def make_refinement(env, args: Args):
-    obs_size, action_size = env.observation_size, env.action_size
+    obs_size, _ = common.observation_sizes(env.observation_size)  # the decoder's input: the policy's
+    action_size = env.action_size
     decoder_optimizer = optax.adam(args.refine_learning_rate)
-    held_out = max(1, int(args.refine_episodes * args.refine_val_fraction)) * common.EPISODE_LENGTH
+    held_out = max(1, int(args.refine_episodes * args.refine_val_fraction)) * env.episode_length
 
     def collect(state, key):
         """Full episodes from the frozen encoder (sampling z) and the current decoder, each from a
@@ -510,7 +527,8 @@ def make_refinement(env, args: Args):
             return common.env_action(a, args.action_semantics), {"latent": z, "target": target}
 
         data = common.collect_episodes(env, policy, key, args.refine_episodes, args.refine_envs or args.refine_episodes)
-        dataset = {"obs": data["obs"], "action": data["target"], "latent": data["latent"]}
+        # The decoder sees the policy's part of a dict observation; the critic's is not kept.
+        dataset = {"obs": common.policy_input(data["obs"]), "action": data["target"], "latent": data["latent"]}
         return dataset, common.completed_episode_return(data)[0]
 
     def fit(decoder_params, dataset, key):
@@ -518,7 +536,7 @@ def make_refinement(env, args: Args):
         prior on 90% of the episodes, the best decoder on the held-out 10% kept. Returns the
         decoder, the normalizer of its inputs (the training split's statistics) and metrics."""
         k_split, k_val, k_val_draws, k_init, k_fit = jax.random.split(key, 5)
-        train, val = common.split_episodes(dataset, k_split, args.refine_val_fraction)
+        train, val = common.split_episodes(dataset, k_split, args.refine_val_fraction, env.episode_length)
         decoder_norm = common.normalizer_update(common.normalizer_init(obs_size), train["obs"])
         train = dict(train, obs=common.normalize(decoder_norm, train["obs"]))
         # A fixed held-out sample with fixed draws, so that validation scores are comparable.
@@ -608,11 +626,12 @@ def make_evaluate(env, args: Args):
 def init_state(obs_size: int, action_size: int, args: Args, k_critic, k_decoder):
     """Algorithm 1, line 2: the identity decoder (or the one --frozen-decoder names) and a
     critic; each stage creates its encoder (`start_stage`)."""
+    policy_size, critic_size = common.observation_sizes(obs_size)
     state = TrainState(
-        params={"encoder": None, "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1])},
-        norm=common.normalizer_init(obs_size),
-        decoder=init_decoder(k_decoder, obs_size, action_size, args),  # stage 0: the identity
-        decoder_norm=common.normalizer_init(obs_size),
+        params={"encoder": None, "critic": common.mlp_init(k_critic, [critic_size, *args.critic_hidden, 1])},
+        norm=common.normalizer_init(obs_size),  # a dict observation: statistics per entry
+        decoder=init_decoder(k_decoder, policy_size, action_size, args),  # stage 0: the identity
+        decoder_norm=common.normalizer_init(policy_size),
     )
     if args.frozen_decoder:
         source = common.load_checkpoint(args.frozen_decoder)
@@ -647,14 +666,17 @@ def save_inside_stage(runs, state, stage: int, step: int, key, stage_rows: list)
                              "stage": stage, "step": step, "key": key, "stage_rows": stage_rows})
 
 
-def main(args: Args) -> None:
+def main(args: Args, env=None) -> None:
+    """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
+    `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)
     validate(args)
     common.start_runtime(args)
 
-    env = common.make_env(args.env_name, args.impl)
+    env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
+    args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
     obs_size, action_size = env.observation_size, env.action_size
     runs = common.Runs(args, "gorl_fm", default_exp_name=experiment_name(args))  # a run folder per seed
     optimizer = optax.adam(args.learning_rate)

@@ -27,6 +27,7 @@ every DMC task of MuJoCo Playground (see `make_env`).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -52,6 +53,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend of DMC tasks: jax (MJX) or warp (MuJoCo Warp); the Gym tasks are MJX only"""
+    episode_length: int | None = None
+    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
     matmul_precision: str | None = None
     """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     stage_steps: tuple[int, ...] = (2_000_000, 1_000_000, 1_000_000)
@@ -150,14 +153,20 @@ def env_name_check(name: str) -> tuple[bool, str]:
                            f"{', '.join(GYM_TASKS)} and the DMC tasks: {', '.join(common.dmc_env_names())}")
 
 
-def make_env(name: str, impl: str = "jax", episode_length: int = common.EPISODE_LENGTH):
-    """A batched task with auto-reset, episode bookkeeping and tanh-squashed actions: the DMC
-    tasks as `common.make_env` builds them, the Gym tasks as Brax environments in the same
-    wrappers. Brax's locomotion tasks terminate early (`done` without `truncation`: no
-    bootstrap); the time limit truncates (`truncation` = 1: SAC bootstraps from
-    `info["next_obs"]`, the true last observation)."""
-    brax_env = brax_envs.get_environment(GYM_TASKS[name], backend="mjx") if name in GYM_TASKS else None
-    return common.make_env(name, impl, episode_length, brax_env=brax_env)
+def make_env(args: Args):
+    """The environment this script trains on, before `common.make_env` wraps it (auto-reset,
+    episode bookkeeping, tanh-squashed actions): a Gym task as a Brax environment, else the MuJoCo
+    Playground task `args.env_name`. Brax's locomotion tasks terminate early (`done` without
+    `truncation`: no bootstrap); the time limit truncates (`truncation` = 1: SAC bootstraps from
+    `info["next_obs"]`, the true last observation). To train on your own task, return your
+    environment here (a Playground `MjxEnv` or a Brax `Env`), or pass it to `main(args, env)`
+    (README, "Your own environment")."""
+    if args.env_name in GYM_TASKS:
+        return brax_envs.get_environment(GYM_TASKS[args.env_name], backend="mjx")
+    ok, message = env_name_check(args.env_name)
+    if not ok:
+        sys.exit(f"error: {message}")
+    return common.load_playground_env(args.env_name, args.impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +194,7 @@ def chunks_in_stage(args: Args, stage: int) -> int:
 
 
 def refine_dataset_size(args: Args) -> int:
-    return args.refine_envs * args.refine_iterations * common.EPISODE_LENGTH
+    return args.refine_envs * args.refine_iterations * (args.episode_length or common.EPISODE_LENGTH)
 
 
 # The task-dependent flags (None in Args) on a task that common.TASK_SETTINGS and
@@ -205,8 +214,9 @@ def validate(args: Args) -> None:
     per_chunk = steps_per_chunk(args)
     updates = args.utd_ratio * args.num_envs
     common.check_args([
-        env_name_check(args.env_name),
         *common.seed_checks(args),
+        (args.episode_length is None or args.episode_length > 0,
+         f"--episode-length must be positive, got {args.episode_length}"),
         (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
         (args.impl == "jax" or args.env_name not in GYM_TASKS,
          f"--impl {args.impl} applies to DMC tasks only; {args.env_name} runs on Brax's MJX backend"),
@@ -235,7 +245,7 @@ def validate(args: Args) -> None:
         (args.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {args.noise_schedule!r}"),
         (0 < args.refine_batch_size <= refine_dataset_size(args),
          f"--refine-batch-size {args.refine_batch_size} must be in [1, the refinement dataset size "
-         f"{refine_dataset_size(args):,} = refine_envs * refine_iterations * {common.EPISODE_LENGTH}]"),
+         f"{refine_dataset_size(args):,} = refine_envs * refine_iterations * episode length]"),
         (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
     ])
 
@@ -823,14 +833,21 @@ def save_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> Non
     runs.save(f"stage{stage}.npz", {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
 
 
-def main(args: Args) -> None:
+def main(args: Args, env=None) -> None:
+    """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
+    `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)  # config.json records the resolved values
     validate(args)
     common.start_runtime(args)
 
-    env = make_env(args.env_name, args.impl)
+    env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
+    args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
+    if isinstance(env.observation_size, dict):
+        sys.exit(f"error: gorl_sac.py takes array observations; this environment's is a dict with the keys "
+                 f"{', '.join(env.observation_size)}. Train it with a PPO-family script (they give the policy "
+                 "\"state\" and the critic \"privileged_state\"), or return obs[\"state\"] from its step().")
     obs_size, action_size = env.observation_size, env.action_size
     target_entropy = -float(action_size) if args.target_entropy is None else args.target_entropy
     optimizer = optax.adam(args.learning_rate)

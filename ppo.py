@@ -40,6 +40,8 @@ class Args:
     """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
     impl: str = "jax"
     """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
+    episode_length: int | None = None
+    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
     matmul_precision: str | None = None
     """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     total_timesteps: int = 180_000_000
@@ -74,6 +76,12 @@ class Args:
     """entropy estimate: tanh (Brax's, of the squashed action, one sample per state) or gaussian (pre-squash, closed form)"""
     normalizer_update: str = "after"
     """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
+    advantages: str = "rollout"
+    """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
+    minibatch_unit: str = "transition"
+    """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
+    gae_form: str = "standard"
+    """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     actor_hidden: tuple[int, ...] = (32, 32, 32, 32)
@@ -100,13 +108,20 @@ class Args:
     """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
 
 
+def make_env(args: Args):
+    """The environment this script trains on, before `common.make_env` wraps it: the MuJoCo
+    Playground task `args.env_name`. To train on your own task, return your environment here (a
+    Playground `MjxEnv` or a Brax `Env`), or pass it to `main(args, env)` (README, "Your own
+    environment")."""
+    return common.load_playground_env(args.env_name, args.impl)
+
+
 # The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
 # configs/methods/ppo.toml (dm_control profile) has them; common.TASK_SETTINGS and the humanoid
 # profile override them per task (see common.resolve_task_settings).
 TASK_DEFAULTS = {"matmul_precision": "default", "learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0,
                  "deterministic_eval": True}
 ENTROPY_ESTIMATES = ("tanh", "gaussian")
-NORMALIZER_UPDATES = ("after", "before")
 
 
 def resolve(args: Args) -> Args:
@@ -131,8 +146,7 @@ def validate(args: Args) -> None:
         (not args.max_grad_norm or args.max_grad_norm > 0,
          f"--max-grad-norm must be positive, or 0 for no clipping, got {args.max_grad_norm}"),
         (args.entropy in ENTROPY_ESTIMATES, f"--entropy must be one of {ENTROPY_ESTIMATES}, got {args.entropy!r}"),
-        (args.normalizer_update in NORMALIZER_UPDATES,
-         f"--normalizer-update must be one of {NORMALIZER_UPDATES}, got {args.normalizer_update!r}"),
+        *common.ppo_update_checks(args),
         (args.total_timesteps >= steps_per_iteration(args),
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
          f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
@@ -144,20 +158,23 @@ def validate(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def init_params(key, obs_size: int, action_size: int, args: Args):
+def init_params(key, observation_size, action_size: int, args: Args):
+    """`observation_size`: the environment's (an int, or a dict of shapes whose "state" is the
+    actor's input and "privileged_state", if any, the critic's)."""
+    policy_size, critic_size = common.observation_sizes(observation_size)
     k_actor, k_critic = jax.random.split(key)
     return {
-        "actor": common.mlp_init(k_actor, [obs_size, *args.actor_hidden, 2 * action_size]),
-        "critic": common.mlp_init(k_critic, [obs_size, *args.critic_hidden, 1]),
+        "actor": common.mlp_init(k_actor, [policy_size, *args.actor_hidden, 2 * action_size]),
+        "critic": common.mlp_init(k_critic, [critic_size, *args.critic_hidden, 1]),
     }
 
 
 def actor(params, obs):
-    return common.gaussian_from_output(common.mlp_apply(params, obs))
+    return common.gaussian_from_output(common.mlp_apply(params, common.policy_input(obs)))
 
 
 def critic(params, obs):
-    return common.mlp_apply(params, obs)[..., 0]
+    return common.mlp_apply(params, common.critic_input(obs))[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +208,13 @@ def ppo_loss(params, batch, key, args: Args):
     """
     mean, scale = actor(params["actor"], batch["obs"])
     log_prob = common.gaussian_log_prob(batch["action"], mean, scale)
-    # Advantages normalized per minibatch (Brax's normalize_advantage).
-    advantages = (batch["advantage"] - batch["advantage"].mean()) / (batch["advantage"].std() + 1e-8)
+    values = critic(params["critic"], batch["obs"])
+    advantages, target, critic_metrics = common.minibatch_targets(
+        batch, values, lambda obs: critic(params["critic"], obs), args)
     policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(
         log_prob - batch["log_prob"], advantages, args.clip_eps
     )
-    value_loss = jnp.mean((critic(params["critic"], batch["obs"]) - batch["target"]) ** 2)
+    value_loss = jnp.mean((values - target) ** 2)
     entropy = entropy_estimate(mean, scale, key, args.entropy).mean()
     loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
     return loss, {
@@ -206,6 +224,7 @@ def ppo_loss(params, batch, key, args: Args):
         "policy/entropy": entropy,
         "policy/clip_fraction": clip_fraction,
         "policy/approx_kl": approx_kl,
+        **critic_metrics,
     }
 
 
@@ -248,18 +267,8 @@ def make_train_iteration(env, optimizer, args: Args):
             # Brax's order: the epochs see observations normalized with statistics that include
             # this rollout, so the first minibatch's ratio is not exactly 1.
             norm = common.normalizer_update(norm, data["obs"])
-        advantages, targets = common.value_targets(
-            lambda obs: critic(params["critic"], common.normalize(norm, obs)),
-            data, args.reward_scaling, args.discount, args.gae_lambda,
-        )
-        batch = {
-            "obs": common.normalize(norm, data["obs"]),
-            "action": data["action"],
-            "log_prob": data["log_prob"],
-            "advantage": advantages,
-            "target": targets,
-        }
-        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+        batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
+                                       action=data["action"], log_prob=data["log_prob"])
         (params, opt_state, _), metrics = common.minibatch_sgd(
             update, (params, opt_state, k_loss), batch, k_sgd, args.num_epochs, args.num_minibatches
         )
@@ -267,8 +276,6 @@ def make_train_iteration(env, optimizer, args: Args):
             # Updated after the epochs, so the ratio above compares against the exact rollout policy.
             norm = common.normalizer_update(norm, data["obs"])
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
-        # How much of the return targets the critic explained before this iteration's epochs.
-        metrics["critic/explained_variance"] = common.explained_variance(targets - advantages, targets)
         return TrainState(params, opt_state, norm, env_state), metrics
 
     return train_iteration
@@ -280,14 +287,17 @@ def act(params, norm, obs, key, deterministic: bool):
     return mean if deterministic else mean + scale * jax.random.normal(key, mean.shape)
 
 
-def main(args: Args) -> None:
+def main(args: Args, env=None) -> None:
+    """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
+    `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
     if args.resume:
         args = common.args_from_run(Args, args.resume, resume=args.resume)
     args = resolve(args)  # config.json records the resolved values
     validate(args)
     common.start_runtime(args)
 
-    env = common.make_env(args.env_name, args.impl)
+    env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
+    args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
     optimizer = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
         optax.adam(args.learning_rate),

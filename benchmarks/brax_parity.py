@@ -6,33 +6,41 @@ epochs, Adam lr 1e-3, clip 0.3, entropy 0.01, discount 0.995, GAE lambda 0.95, r
 advantages normalized per minibatch, no gradient clipping, value loss 0.25 x MSE (Brax's is
 0.5 * vf_coefficient * MSE, so vf_coefficient=0.5), actor 4 x 32 / critic 5 x 256 SiLU, a
 tanh-squashed Gaussian with scale softplus(.) + 1e-3. Evaluation: 128 environments, one
-1000-step episode, deterministic policy, at every quarter of the budget (the table shows the
-half and the end: 1.23M and 2.46M steps at the default 2,457,600).
+1000-step episode, deterministic policy, every 614,400 steps (5 iterations) at any budget, so a
+shorter run's evaluations are a prefix of a longer one's; the table shows 1.23M and 2.46M.
 
-Rows:
-  brax               Brax 0.14.2 `brax.training.agents.ppo.train` (see benchmarks/throughput.py
-                     for how it is called on a Playground task and why its first two epochs
-                     compile; its steps/s is Brax's own training/walltime over epochs 3 and 4)
-  ppo                ppo.py as parity: entropy "tanh" (Brax's estimate), normalizer "after"
-  entropy-gaussian   ppo.py with its old closed-form pre-squash Gaussian entropy
-  normalizer-before  ppo.py with Brax's order: the normalizer updated before the epochs
-  fresh-start-states ppo.py with every environment's start state redrawn at each iteration
-                     (ppo.py's default; the other rows reuse the start states of the first
-                     reset, as Brax does with its default num_resets_per_eval=0, used here)
-Each ppo.py row is "ppo" with one difference from Brax removed or put back, so the table says
-which one matters. Differences no row removes: Brax excludes truncated steps from GAE and
-recomputes GAE per minibatch with the current critic (ppo.py bootstraps from the true last
-observation and computes GAE once per iteration), and shuffles whole unroll_length sequences
-(ppo.py shuffles single transitions).
+Rows (each ppo.py row is "ppo" with one difference from Brax removed or put back, so the table
+says which one matters):
+  brax                 Brax 0.14.2 `brax.training.agents.ppo.train` (see benchmarks/throughput.py
+                       for how it is called on a Playground task and why its first two epochs
+                       compile; its steps/s is Brax's own training/walltime after the first epoch)
+  ppo                  ppo.py as parity: entropy "tanh" (Brax's estimate), normalizer "after",
+                       GAE once per iteration over each environment's 480 steps with the critic
+                       from before the epochs, single-transition minibatches, truncations
+                       bootstrapped from the true last observation
+  entropy-gaussian     ppo.py with its old closed-form pre-squash Gaussian entropy
+  normalizer-before    Brax's order: the normalizer updated before the epochs
+  fresh-start-states   every environment's start state redrawn at each iteration (the other rows
+                       reuse the start states of the first reset, as Brax does with its default
+                       num_resets_per_eval=0, used here)
+  sequence-minibatches minibatches of whole 30-step sequences (Brax's), GAE still per iteration
+  gae-per-minibatch    GAE in the loss, per minibatch of sequences, with the current critic, so
+                       advantages and value targets are refreshed at every epoch (Brax's and the
+                       FPO code's)
+  gae-form-release     Brax's compute_gae: truncated steps get no advantage or value target, and
+                       the policy's advantage is r + gamma * target(t+1) - V(t)
+  release-update       sequence minibatches, GAE per minibatch, Brax's GAE form and the
+                       normalizer before: every difference of the update removed at once
 
 Each (row, seed) writes one JSON file under benchmarks/results/brax_parity/; `--report` builds
-the table from whatever files exist (for the same --total-steps), so rows and seeds can be run
-separately, in parallel or later:
+the table from whatever files exist (each (row, seed) at its longest budget), so rows and seeds
+can be run separately, in parallel or later:
 
     python benchmarks/brax_parity.py --rows brax --seeds 1 2        # ~20 min per seed, one core
     python benchmarks/brax_parity.py --rows ppo --seeds 1 2         # ~12 min per seed
+    python benchmarks/brax_parity.py --rows ppo release-update --seeds 1 2 3 4 5 --total-steps 1228800
     python benchmarks/brax_parity.py --report
-    python benchmarks/brax_parity.py --total-steps 491520 --seeds 1  # a quick end-to-end check
+    python benchmarks/brax_parity.py --total-steps 614400 --seeds 1  # a quick end-to-end check
 
 steps/s of ppo.py is timed on the ahead-of-time compiled iteration (evaluations excluded).
 """
@@ -59,28 +67,39 @@ sys.path.insert(0, REPO)
 import common  # noqa: E402
 import ppo  # noqa: E402
 
+# Every ppo.py row is "ppo" with one difference from Brax removed (or put back); "release-update"
+# removes all the update's differences at once.
 ROWS = {
     "brax": ("brax", None),
     "ppo": ("ppo.py (as parity: tanh entropy, normalizer after, cached start states)", {}),
     "entropy-gaussian": ("ppo.py, entropy gaussian", {"entropy": "gaussian"}),
     "normalizer-before": ("ppo.py, normalizer before", {"normalizer_update": "before"}),
     "fresh-start-states": ("ppo.py, fresh start states", {"fresh_start_states": True}),
+    "sequence-minibatches": ("ppo.py, minibatches of whole sequences", {"minibatch_unit": "sequence"}),
+    "gae-per-minibatch": ("ppo.py, GAE per minibatch (sequences, current critic)",
+                          {"minibatch_unit": "sequence", "advantages": "minibatch"}),
+    "gae-form-release": ("ppo.py, Brax's GAE form (truncations masked, one-step advantage)", {"gae_form": "release"}),
+    "release-update": ("ppo.py, Brax's update (the four above together)",
+                       {"minibatch_unit": "sequence", "advantages": "minibatch", "gae_form": "release",
+                        "normalizer_update": "before"}),
 }
-NUM_EVAL_EPOCHS = 4  # evaluations at every quarter of the budget (Brax's num_evals = 5)
+EVAL_EVERY_ITERATIONS = 5  # 614,400 steps: the same evaluation points at every budget
+CHECKPOINTS = (1_228_800, 2_457_600)  # the table's columns
 
 
 @dataclasses.dataclass
 class Args:
     rows: tuple[str, ...] = tuple(ROWS)
-    """rows to run: brax, ppo, entropy-gaussian, normalizer-before, fresh-start-states"""
+    """rows to run: brax, ppo, entropy-gaussian, normalizer-before, fresh-start-states, sequence-minibatches,
+    gae-per-minibatch, gae-form-release, release-update"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds to run for every row"""
     total_steps: int = 2_457_600
-    """training budget in environment steps (a multiple of 4 iterations of 122,880)"""
+    """training budget in environment steps (a multiple of 5 iterations of 122,880: evaluated every 614,400)"""
     env_name: str = "CartpoleBalance"
     """DMC task from MuJoCo Playground (MJX, impl=jax)"""
     report: bool = False
-    """only build the table from the JSON files already written (for this --total-steps)"""
+    """only build the table from the JSON files already written (each (row, seed) at its longest budget)"""
     overwrite: bool = False
     """rerun a (row, seed) whose JSON file exists (default: skip it)"""
     results_dir: str = "benchmarks/results/brax_parity"
@@ -107,8 +126,8 @@ def validate(args: Args) -> None:
     n = args.total_steps // per_iteration(args)
     common.check_args([
         *[(r in ROWS, f"unknown row {r!r}; rows are {', '.join(ROWS)}") for r in args.rows],
-        (n > 0 and n % NUM_EVAL_EPOCHS == 0 and args.total_steps == n * per_iteration(args),
-         f"--total-steps {args.total_steps:,} must be a multiple of {NUM_EVAL_EPOCHS} iterations "
+        (n > 0 and n % EVAL_EVERY_ITERATIONS == 0 and args.total_steps == n * per_iteration(args),
+         f"--total-steps {args.total_steps:,} must be a multiple of {EVAL_EVERY_ITERATIONS} iterations "
          f"of {per_iteration(args):,} steps"),
     ])
     ppo.validate(ppo_args(args, 1))
@@ -127,7 +146,7 @@ def run_ppo(args: Args, row: str, seed: int) -> dict:
     pargs = ppo_args(args, seed, **ROWS[row][1])
     ppo.validate(pargs)
     n_iter = args.total_steps // per_iteration(args)
-    eval_every = n_iter // NUM_EVAL_EPOCHS
+    eval_every = EVAL_EVERY_ITERATIONS
     env = common.make_env(pargs.env_name, pargs.impl)
     optimizer = optax.chain(
         optax.clip_by_global_norm(pargs.max_grad_norm) if pargs.max_grad_norm else optax.identity(),
@@ -209,7 +228,7 @@ def run_brax(args: Args, seed: int) -> dict:
         normalize_observations=True, reward_scaling=p.reward_scaling, clipping_epsilon=p.clip_eps,
         gae_lambda=p.gae_lambda, max_grad_norm=None, normalize_advantage=True,
         vf_loss_coefficient=2 * p.vf_coef,  # Brax: 0.5 * vf_coefficient * MSE = 0.25 * MSE
-        seed=seed, num_evals=NUM_EVAL_EPOCHS + 1, num_eval_envs=p.num_eval_envs, deterministic_eval=True,
+        seed=seed, num_evals=args.total_steps // per_iteration(args) // EVAL_EVERY_ITERATIONS + 1, num_eval_envs=p.num_eval_envs, deterministic_eval=True,
     )
     ppo_train.train(environment=environment, wrap_env_fn=wrapper.wrap_for_brax_training,
                     network_factory=network_factory, progress_fn=progress_fn, **brax_kwargs)
@@ -231,30 +250,52 @@ def run_brax(args: Args, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def report(args: Args) -> str:
-    half, full = args.total_steps // 2, args.total_steps
-    lines = [f"{args.env_name}, {args.total_steps:,} steps; eval return (128 envs, deterministic), mean +- std over seeds",
-             "",
-             f"| row | seeds | eval return at {half / 1e6:.2f}M | at {full / 1e6:.2f}M | steps/s |",
-             "|---|---|---|---|---|"]
-
-    def stat(xs, fmt):
-        if not xs:
-            return "-"
-        return f"{np.mean(xs):{fmt}} +- {np.std(xs):{fmt}}" if len(xs) > 1 else f"{xs[0]:{fmt}}"
-
-    for row, (label, _) in ROWS.items():
-        files = sorted(glob.glob(result_path(args, row, "*")))
-        if not files:
+def load_results(args: Args, row: str) -> list[dict]:
+    """One result per seed of `row`: the file of its longest budget (evaluation points are the
+    same at every budget, and a shorter run's are a prefix of a longer run's)."""
+    by_seed: dict[int, dict] = {}
+    pattern = os.path.join(REPO, args.results_dir, f"{args.env_name}_*_{row}_seed*.json")
+    for path in glob.glob(pattern):
+        result = json.load(open(path))
+        if result["row"] != row:  # e.g. "ppo" must not pick up "release-update-ppo"
             continue
-        results = [json.load(open(f)) for f in files]
-        seeds = sorted(r["seed"] for r in results)
-        at = lambda r, s: next((v for step, v in r["eval_returns"] if step == s), math.nan)  # noqa: E731
-        lines.append(f"| {label} | {','.join(map(str, seeds))} | {stat([at(r, half) for r in results], '.1f')} | "
-                     f"{stat([at(r, full) for r in results], '.1f')} | "
-                     f"{stat([r['steps_per_second'] for r in results], ',.0f')} |")
+        if result["seed"] not in by_seed or result["total_steps"] > by_seed[result["seed"]]["total_steps"]:
+            by_seed[result["seed"]] = result
+    return [by_seed[seed] for seed in sorted(by_seed)]
+
+
+def eval_return_at(result: dict, step: int) -> float:
+    return next((v for s, v in result["eval_returns"] if s == step), math.nan)
+
+
+def mean_and_standard_error(xs: list[float]) -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.1f}"
+    return f"{np.mean(xs):.1f} +- {np.std(xs, ddof=1) / math.sqrt(len(xs)):.1f}"
+
+
+def report(args: Args) -> str:
+    lines = [f"{args.env_name}: eval return (128 envs, deterministic policy) at 1.23M and 2.46M steps, "
+             "mean +- standard error over seeds, and each seed's value (seed: at 1.23M / at 2.46M)",
+             "",
+             "| row | seeds | at 1.23M | at 2.46M | per seed | steps/s |",
+             "|---|---|---|---|---|---|"]
+    for row, (label, _) in ROWS.items():
+        results = load_results(args, row)
+        if not results:
+            continue
+        columns = [mean_and_standard_error([eval_return_at(r, c) for r in results]) for c in CHECKPOINTS]
+        per_seed = "; ".join(f"{r['seed']}: " + " / ".join(
+            "-" if math.isnan(eval_return_at(r, c)) else f"{eval_return_at(r, c):.0f}" for c in CHECKPOINTS)
+            for r in results)
+        speed = [r["steps_per_second"] for r in results if not math.isnan(r["steps_per_second"])]
+        lines.append(f"| {label} | {len(results)} | {columns[0]} | {columns[1]} | {per_seed} | "
+                     f"{np.median(speed) if speed else math.nan:,.0f} |")
     table = "\n".join(lines)
-    path = os.path.join(REPO, args.results_dir, f"table_{args.env_name}_{args.total_steps}.md")
+    path = os.path.join(REPO, args.results_dir, f"table_{args.env_name}.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(table + "\n")

@@ -87,6 +87,7 @@ class TwoModeBandit:
 
     observation_size = 4
     action_size = 2
+    episode_length = common.EPISODE_LENGTH  # the refinement collects blocks of this many steps per environment
 
     def _new_episode(self, keys):
         keys, k_obs = jax.vmap(jax.random.split, out_axes=1)(keys)

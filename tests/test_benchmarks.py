@@ -2,6 +2,7 @@
 (a flag that became task-dependent, a new state type) can break them silently: check that
 they still construct complete settings and, for the pure-JAX one, run end to end."""
 
+import dataclasses
 import os
 import sys
 
@@ -151,3 +152,33 @@ def test_cpu_suite_reference_rows_evaluate_zero_and_random_actions(tmp_path, mon
     monkeypatch.setattr(cpu_suite, "reference_returns", lambda *a: pytest.fail("recomputed despite --reuse"))
     ns.reuse = True
     assert cpu_suite.references(ns, "Fake") == refs
+
+
+@pytest.mark.parametrize("row", [r for r, (_, overrides) in brax_parity.ROWS.items() if overrides is not None])
+def test_brax_parity_rows_are_valid_ppo_settings(row):
+    ppo.validate(brax_parity.ppo_args(brax_parity.Args(), 1, **brax_parity.ROWS[row][1]))
+
+
+def test_brax_parity_report_takes_each_seeds_longest_run(tmp_path):
+    import json
+
+    args = brax_parity.Args(results_dir=str(tmp_path))
+
+    def write(row, seed, total, returns, sps=1000.0):
+        result = {"row": row, "seed": seed, "total_steps": total, "steps_per_second": sps,
+                  "eval_returns": [[s, r] for s, r in returns]}
+        path = brax_parity.result_path(dataclasses.replace(args, total_steps=total), row, seed)
+        with open(path, "w") as f:
+            json.dump(result, f)
+
+    half, full = brax_parity.CHECKPOINTS
+    write("ppo", 1, half, [(half, 100.0)])
+    write("ppo", 1, full, [(half, 100.0), (full, 300.0)])
+    write("ppo", 2, half, [(half, 200.0)])
+    write("release-update", 1, half, [(half, 999.0)])  # another row's file is not "ppo"'s
+    results = brax_parity.load_results(args, "ppo")
+    assert [(r["seed"], r["total_steps"]) for r in results] == [(1, full), (2, half)]
+    table = brax_parity.report(args)
+    ppo_line = next(line for line in table.splitlines() if line.startswith("| ppo.py (as parity"))
+    # mean 150, standard error std([100, 200], ddof=1) / sqrt(2) = 50; one seed at 2.46M
+    assert "| 2 | 150.0 +- 50.0 | 300.0 | 1: 100 / 300; 2: 200 / - |" in ppo_line

@@ -107,6 +107,54 @@ def test_value_targets_are_gae_of_scaled_rewards_plus_values():
     np.testing.assert_allclose(targets, np.asarray(advantages) + values, rtol=1e-6, atol=1e-6)
 
 
+def test_gae_release_is_braxs_compute_gae():
+    from brax.training.agents.ppo import losses as brax_losses
+
+    d = random_trajectories(np.random.default_rng(3), T=30, N=6)
+    # Brax reads V(s_t+1) from values[1:]: where no episode ended, the true next observation is
+    # the next row's, so its value is the next row's value.
+    ended = d["episode_done"] > 0
+    next_values = np.where(ended[:-1], d["next_values"][:-1], d["values"][1:])
+    next_values = np.concatenate([next_values, d["next_values"][-1:]])
+    got_adv, got_targets = common.gae_release(d["reward"], d["values"], next_values, d["termination"],
+                                              d["truncation"], 0.99, 0.9)
+    want_targets, want_adv = brax_losses.compute_gae(
+        truncation=d["truncation"], termination=d["termination"], rewards=d["reward"], values=d["values"],
+        bootstrap_value=next_values[-1], lambda_=0.9, discount=0.99)
+    np.testing.assert_allclose(got_adv, want_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_targets, want_targets, rtol=1e-5, atol=1e-5)
+    # Truncated steps are left out; the one-step advantage differs from GAE's lambda-return one.
+    assert np.all(np.asarray(got_adv)[d["truncation"] > 0] == 0)
+    gae_adv = np.asarray(common.gae(d["reward"], d["values"], next_values, d["termination"], d["episode_done"], 0.99, 0.9))
+    assert np.abs(gae_adv - np.asarray(got_adv))[~ended].max() > 1e-3
+
+
+def test_advantages_and_targets_forms():
+    d = random_trajectories(np.random.default_rng(4), T=20, N=4)
+    data = {k: d[k] for k in ("reward", "termination", "truncation", "episode_done")}
+    adv, targets = common.advantages_and_targets(d["values"], d["next_values"], data, 10.0, 0.99, 0.9)
+    want = gae_reference(10.0 * d["reward"], d["values"], d["next_values"], d["termination"], d["episode_done"], 0.99, 0.9)
+    np.testing.assert_allclose(adv, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(targets, want + d["values"], rtol=1e-4, atol=1e-4)
+    adv, targets = common.advantages_and_targets(d["values"], d["next_values"], data, 10.0, 0.99, 0.9, "release")
+    want_adv, want_targets = common.gae_release(10.0 * d["reward"], d["values"], d["next_values"], d["termination"],
+                                                d["truncation"], 0.99, 0.9)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-6)
+    np.testing.assert_allclose(targets, want_targets, rtol=1e-6)
+
+
+def test_to_sequences_cuts_each_environment_into_consecutive_steps():
+    T, n, L = 12, 3, 4
+    x = np.arange(T)[:, None] * 10 + np.arange(n)[None, :]  # step * 10 + environment
+    seq = np.asarray(common.to_sequences(jnp.asarray(x), L))
+    assert seq.shape == (T // L * n, L)
+    for s in seq:
+        env = s[0] % 10
+        np.testing.assert_array_equal(s % 10, env)  # one environment
+        np.testing.assert_array_equal(np.diff(s // 10), 1)  # consecutive steps
+    assert sorted(seq.ravel().tolist()) == sorted(x.ravel().tolist())  # every step exactly once
+
+
 # ---------------------------------------------------------------------------------------------
 # Observation normalizer
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +376,7 @@ def test_unknown_task_is_a_clear_error():
     ok, message = common.env_name_check("NoSuchTask")
     assert not ok and "NoSuchTask" in message and "CartpoleBalance" in message and "HopperStand" in message
     assert common.env_name_check(TASK)[0]
-    with pytest.raises(ValueError, match="NoSuchTask"):
+    with pytest.raises(SystemExit, match="NoSuchTask"):
         common.make_env("NoSuchTask")
     with pytest.raises(SystemExit, match="first problem[\\s\\S]*second problem"):
         common.check_args([(False, "first problem"), (True, "fine"), (False, "second problem")])

@@ -289,7 +289,7 @@ def test_decoder_fits_a_bimodal_distribution():
 
 
 def test_bad_flags_are_clear_errors_before_compilation():
-    for bad in (dict(env_name="NoSuchTask"), dict(diffusion_steps=0), dict(denoised_clip=-1.0),
+    for bad in (dict(episode_length=-1), dict(diffusion_steps=0), dict(denoised_clip=-1.0),
                 dict(refine_latents="decoder"), dict(decoder_output="v"), dict(stage_steps=(10,)),
                 dict(noise_schedule="quadratic"), dict(learning_rate=(1e-3, -1.0)), dict(refine_epochs=0),
                 dict(env_name="CartpoleBalance", refine_envs=1, refine_episodes=2, refine_batch_size=4096)):
@@ -396,7 +396,7 @@ def test_pairwise_loss_adds_the_reconstruction_of_the_encoders_action():
     """pairwise_weight * mean((g(s, z_enc) - a)^2): zero weight gives Eq. (17) alone; for the
     identity decoder g(s, z_enc) = z_enc, so the term is the mean squared gap between latent and action."""
     import types
-    env = types.SimpleNamespace(observation_size=OBS, action_size=ACT)
+    env = types.SimpleNamespace(observation_size=OBS, action_size=ACT, episode_length=common.EPISODE_LENGTH)
     rng = np.random.default_rng(0)
     n = 2000
     dataset = {"obs": jnp.asarray(rng.normal(size=(n, 1, OBS)), jnp.float32),

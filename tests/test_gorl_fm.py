@@ -146,7 +146,7 @@ def one_state_dataset(actions, obs_row, episodes):
             "latent": jnp.zeros((n, 1, actions.shape[-1]))}
 
 
-FAKE_ENV = types.SimpleNamespace(observation_size=4, action_size=1)
+FAKE_ENV = types.SimpleNamespace(observation_size=4, action_size=1, episode_length=common.EPISODE_LENGTH)
 
 
 def test_decoder_fit_to_bimodal_actions_generates_both_modes():
@@ -266,7 +266,7 @@ def test_validation_rejects_bad_budgets_before_compiling():
     with pytest.raises(SystemExit, match="stage"):
         check(stage_steps=(10, 10))
     with pytest.raises(SystemExit, match="unknown task"):
-        check(env_name="NoSuchTask")
+        gorl_fm.make_env(gorl_fm.Args(env_name="NoSuchTask"))
     with pytest.raises(SystemExit, match="multiple of --refine-envs"):
         check(refine_envs=3, refine_episodes=10)
     with pytest.raises(SystemExit, match="refine-val-fraction"):

@@ -252,7 +252,7 @@ def test_refinement_fits_a_state_dependent_action_from_the_prior():
 
 def test_validation_rejects_bad_flags_before_compiling(capsys):
     with pytest.raises(SystemExit) as e:
-        gorl_sac.validate(gorl_sac.Args(env_name="NoSuchTask"))
+        gorl_sac.make_env(gorl_sac.Args(env_name="NoSuchTask"))
     assert "Hopper" in str(e.value) and "CartpoleBalance" in str(e.value)
     with pytest.raises(SystemExit) as e:
         gorl_sac.validate(gorl_sac.Args(num_envs=3, utd_ratio=0.5))
@@ -270,7 +270,7 @@ def test_validation_rejects_bad_flags_before_compiling(capsys):
 @pytest.mark.skipif(not os.environ.get("GORL_SLOW_TESTS"),
                     reason="compiles Brax's MJX Hopper (over a minute on a 2-core CPU); set GORL_SLOW_TESTS=1")
 def test_brax_hopper_keeps_the_true_last_observation():
-    env = gorl_sac.make_env("Hopper", episode_length=50)
+    env = common.make_env(gorl_sac.make_env(gorl_sac.Args(env_name="Hopper")), episode_length=50)
     assert (env.observation_size, env.action_size) == (11, 3)  # Hopper-v2's sizes (Table 5)
 
     @jax.jit

@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Loss
 # ---------------------------------------------------------------------------------------------
 
-LOSS_KEYS = {"loss/total", "loss/policy", "loss/value", "policy/entropy", "policy/clip_fraction", "policy/approx_kl"}
+LOSS_KEYS = {"loss/total", "loss/policy", "loss/value", "policy/entropy", "policy/clip_fraction", "policy/approx_kl",
+             "critic/explained_variance"}
 
 
 def random_batch(params, key, n=64, obs_size=5):
@@ -77,6 +78,47 @@ def test_ppo_loss_clips_away_from_the_rollout_parameters():
     batch["log_prob"] = batch["log_prob"] + jnp.where(jnp.arange(64) % 2 == 0, 1.0, 0.0)  # ratio e^-1 on half
     _, metrics = ppo.ppo_loss(params, batch, jax.random.PRNGKey(2), args)
     assert float(metrics["policy/clip_fraction"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("gae_form", ["standard", "release"])
+def test_advantages_per_minibatch_are_gae_of_the_sequences_with_the_current_critic(gae_form):
+    """The loss with --advantages minibatch equals the loss given advantages and targets that a
+    plain loop computed on the same [sequence, step] minibatch with the same critic."""
+    from test_common import gae_reference
+
+    args = ppo.resolve(ppo.Args(actor_hidden=(8,), critic_hidden=(8,), gae_form=gae_form))
+    params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
+    B, L = 6, 10
+    batch = jax.tree.map(lambda x: x.reshape(B, L, *x.shape[1:]), random_batch(params, jax.random.PRNGKey(1), n=B * L))
+    rng = np.random.default_rng(0)
+    termination = (rng.random((B, L)) < 0.1).astype(np.float32)
+    truncation = ((rng.random((B, L)) < 0.1) * (1 - termination)).astype(np.float32)
+    assert termination.sum() > 0 and truncation.sum() > 0
+    sequences = dict(batch, next_obs=jax.random.normal(jax.random.PRNGKey(3), batch["obs"].shape),
+                     reward=rng.normal(size=(B, L)).astype(np.float32), termination=termination,
+                     truncation=truncation, episode_done=np.maximum(termination, truncation))
+    key = jax.random.PRNGKey(4)
+    _, got = ppo.ppo_loss(params, sequences, key, dataclasses.replace(args, advantages="minibatch"))
+
+    values = np.asarray(ppo.critic(params["critic"], batch["obs"])).T  # time-major [L, B]
+    next_values = np.asarray(ppo.critic(params["critic"], sequences["next_obs"])).T
+    rewards = args.reward_scaling * sequences["reward"].T
+    if gae_form == "standard":
+        advantage = gae_reference(rewards, values, next_values, termination.T, sequences["episode_done"].T,
+                                  args.discount, args.gae_lambda)
+        target = advantage + values
+    else:  # Brax's: truncated steps left out, one-step advantage on the lambda-return targets
+        target, following = np.zeros_like(values), np.zeros(B)
+        for t in reversed(range(L)):
+            keep = 1 - truncation.T[t]
+            delta = (rewards[t] + args.discount * (1 - termination.T[t]) * next_values[t] - values[t]) * keep
+            following = delta + args.discount * args.gae_lambda * (1 - termination.T[t]) * keep * following
+            target[t] = following + values[t]
+        next_target = np.concatenate([target[1:], next_values[-1:]])
+        advantage = (rewards + args.discount * (1 - termination.T) * next_target - values) * (1 - truncation.T)
+    _, want = ppo.ppo_loss(params, dict(batch, advantage=advantage.T, target=target.T), key, args)
+    for name in LOSS_KEYS:
+        assert float(got[name]) == pytest.approx(float(want[name]), rel=1e-4, abs=1e-5), name
 
 
 def test_value_loss_is_a_quarter_of_the_mean_squared_error():
@@ -170,6 +212,9 @@ RELEASED_DEFAULTS = {
     "critic_hidden": (256, 256, 256, 256, 256),
     "entropy": "tanh",
     "normalizer_update": "after",
+    "advantages": "rollout",
+    "minibatch_unit": "transition",
+    "gae_form": "standard",
     "impl": "jax",
 }
 
@@ -257,9 +302,12 @@ def test_validate_accepts_the_defaults_and_reports_every_problem():
     ppo.validate(ppo.Args())
     assert ppo.steps_per_iteration(ppo.Args()) == 983_040
     with pytest.raises(SystemExit) as error:
-        ppo.validate(ppo.Args(env_name="NoSuchTask", batch_size=1000, total_timesteps=10))
+        ppo.validate(ppo.Args(batch_size=1000, total_timesteps=10, episode_length=0))
     message = str(error.value)
-    assert "NoSuchTask" in message and "--batch-size" in message and "--total-timesteps" in message
+    assert "--batch-size" in message and "--total-timesteps" in message and "--episode-length" in message
+    # The task name is checked where the task is loaded (a script given its own environment never is).
+    with pytest.raises(SystemExit, match="unknown task 'NoSuchTask'[\\s\\S]*CartpoleBalance[\\s\\S]*Go1Getup"):
+        ppo.make_env(ppo.Args(env_name="NoSuchTask"))
 
 
 def args_docstrings():

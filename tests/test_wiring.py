@@ -110,6 +110,23 @@ def test_at_learning_rate_zero_every_minibatch_sees_the_rollout_policy(algo):
     assert np.isfinite(float(metrics["critic/explained_variance"]))
 
 
+@pytest.mark.parametrize("algo", ["ppo", "fpo", "dppo", "gorl_fm", "gorl_diffusion"])
+def test_at_learning_rate_zero_the_per_minibatch_advantages_see_the_rollout_policy(algo):
+    """Brax's update (sequence minibatches, GAE in the loss) with the normalizer after: ratio 1,
+    and the one shared implementation runs in every PPO-family script."""
+    args, before, after, metrics, prefix = run_one_iteration(
+        algo, advantages="minibatch", minibatch_unit="sequence", gae_form="release")
+    assert float(metrics[f"{prefix}/clip_fraction"]) == 0.0 and abs(float(metrics[f"{prefix}/approx_kl"])) < 1e-6
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("algo", ["fpo", "dppo", "gorl_fm", "gorl_diffusion"])
+def test_normalizer_update_before_moves_the_ratio_in_every_script(algo):
+    _, _, _, metrics, prefix = run_one_iteration(algo, normalizer_update="before")
+    assert float(metrics[f"{prefix}/approx_kl"]) > 1e-6
+
+
 def test_normalizer_update_before_the_epochs_moves_the_ratio():
     """Brax's order: the epochs see observations normalized with statistics that include the
     rollout, so even at learning rate 0 the ratios are not 1."""
