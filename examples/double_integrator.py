@@ -6,10 +6,12 @@ steps of 0.04 s. Everything an algorithm file needs from an environment is here:
 `step`, `State` (obs, reward, done, metrics, info), actions in [-1, 1], and the config's
 `episode_length`. Next to gorl_fm.py, common.py and requirements.txt:
 
-    python double_integrator.py                      # GoRL-FM, about two minutes on a CPU
+    python double_integrator.py                      # GoRL-FM, about a minute on a CPU
     python double_integrator.py --algo ppo           # or ppo, gorl_diffusion, gorl_sac, fpo, dppo
 
-(from a clone of the repository: `python examples/double_integrator.py`).
+(from a clone of the repository: `python examples/double_integrator.py`). Reference returns
+(256 episodes): a zero action 106, a N(0, 1) action 75; GoRL-FM with the command above reaches
+184-189 (seed 1, 128,000 steps, 49 s on a 2-core CPU, 2026-12-06).
 """
 
 from __future__ import annotations
