@@ -711,8 +711,17 @@ def minibatch_targets(batch: dict, values: jax.Array, critic: Callable, args) ->
     the current critic, so advantages and targets are refreshed at every epoch."""
     if args.advantages == "minibatch":
         time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        values_tm = time_major(values)
+        if args.gae_form == "release":
+            # Brax's: the next row's value, the true last observation's at the sequence's end. They
+            # differ from V(next_obs) only where an episode ended, where this form multiplies them
+            # by 0, and they cost one critic call on a row per sequence instead of on every row.
+            last = critic(jax.tree.map(lambda x: x[:, -1], batch["next_obs"]))
+            next_values = jnp.concatenate([values_tm[1:], last[None]], axis=0)
+        else:
+            next_values = time_major(critic(batch["next_obs"]))
         advantage, target = jax.lax.stop_gradient(jax.tree.map(time_major, advantages_and_targets(
-            time_major(values), time_major(critic(batch["next_obs"])), jax.tree.map(time_major, batch),
+            values_tm, next_values, jax.tree.map(time_major, batch),
             args.reward_scaling, args.discount, args.gae_lambda, args.gae_form)))
     else:
         advantage, target = batch["advantage"], batch["target"]

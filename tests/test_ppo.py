@@ -107,7 +107,9 @@ def test_advantages_per_minibatch_are_gae_of_the_sequences_with_the_current_crit
         advantage = gae_reference(rewards, values, next_values, termination.T, sequences["episode_done"].T,
                                   args.discount, args.gae_lambda)
         target = advantage + values
-    else:  # Brax's: truncated steps left out, one-step advantage on the lambda-return targets
+    else:  # Brax's: V(s_t+1) read from the next row (the true last observation's at the end),
+        # truncated steps left out, one-step advantage on the lambda-return targets
+        next_values = np.concatenate([values[1:], next_values[-1:]])
         target, following = np.zeros_like(values), np.zeros(B)
         for t in reversed(range(L)):
             keep = 1 - truncation.T[t]
