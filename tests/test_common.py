@@ -8,6 +8,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 
 import jax
@@ -537,6 +538,7 @@ def read_csv(path):
 
 
 def test_run_folder_config_csv_tensorboard(tmp_path):
+    t0 = time.time()
     run = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
     assert os.path.dirname(run.dir) == str(tmp_path)
     assert os.path.basename(run.dir).startswith("CartpoleBalance__algo__7__")
@@ -554,7 +556,9 @@ def test_run_folder_config_csv_tensorboard(tmp_path):
     assert [r["step"] for r in rows] == ["10", "20", "30", "40"]
     assert [r["loss/a"] for r in rows] == ["1.5", "2.5", "3.5", "nan"]
     assert [r["eval/return"] for r in rows] == ["", "7.0", "", "9.0"]
-    assert all(float(r["wall_time"]) >= 0 for r in rows)
+    # Seconds since the run started: in order, and within the time this test has taken.
+    wall = [float(r["wall_time"]) for r in rows]
+    assert wall == sorted(wall) and 0 <= wall[0] and wall[-1] <= time.time() - t0 + 0.01
     events = glob.glob(os.path.join(run.dir, "tb", "events.out.tfevents.*"))
     assert len(events) == 1 and os.path.getsize(events[0]) > 0
     run.close()

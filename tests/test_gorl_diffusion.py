@@ -330,8 +330,11 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
     # with prior latents they are exactly tanh of standard-normal draws.
     key = jax.random.PRNGKey(0)
     obs = jnp.zeros(ckpt[0]["norm"].mean.shape)
-    actions = gd.sample_actions(ckpt[1], obs, key, 256)
-    assert actions.shape == (256, 1) and bool(jnp.all(jnp.abs(actions) <= 1.0))
+    mean, scale = gd.encoder(ckpt[0]["params"]["encoder"], common.normalize(ckpt[0]["norm"], jnp.zeros((256, obs.shape[-1]))))
+    np.testing.assert_allclose(gd.sample_actions(ckpt[0], obs, key, 256),
+                               jnp.tanh(mean + scale * jax.random.normal(key, mean.shape)), atol=1e-6)
+    refined = gd.sample_actions(ckpt[1], obs, key, 256, from_prior=True)
+    assert refined.shape == (256, 1) and float(jnp.abs(refined - jnp.tanh(jax.random.normal(key, (256, 1)))).max()) > 1e-4
     np.testing.assert_array_equal(gd.sample_actions(ckpt[0], obs, key, 256, from_prior=True),
                                   jnp.tanh(jax.random.normal(key, (256, 1))))
 

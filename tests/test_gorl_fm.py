@@ -315,13 +315,18 @@ def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
     table = open(os.path.join(run_dir, "stages.md")).read()
     assert "| S0 |" in table and "| S1 |" in table
 
-    # The density helper samples bounded actions from a saved stage.
+    # The density helper: from stage 0's identity decoder the actions are exactly tanh of the
+    # latents (prior draws, or the encoder's samples at the state); stage 1's refined decoder moves them.
     saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz"))
-    obs = jnp.zeros(saved["norm"].mean.shape)
-    actions = gorl_fm.sample_actions(saved, obs, jax.random.PRNGKey(0), 100, 10)
-    assert actions.shape == (100, 1) and bool(jnp.all(jnp.abs(actions) <= 1.0))
-    actions = gorl_fm.sample_actions(saved, obs, jax.random.PRNGKey(0), 100, 10, from_prior=True)
-    assert actions.shape == (100, 1) and bool(jnp.all(jnp.abs(actions) <= 1.0))
+    stage0 = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage0.npz"))
+    obs, key = jnp.zeros(saved["norm"].mean.shape), jax.random.PRNGKey(0)
+    prior_draws = jnp.tanh(jax.random.normal(key, (100, 1)))
+    np.testing.assert_array_equal(gorl_fm.sample_actions(stage0, obs, key, 100, 10, from_prior=True), prior_draws)
+    mean, scale = gorl_fm.encoder(stage0["params"]["encoder"], common.normalize(stage0["norm"], jnp.zeros((100, obs.shape[-1]))))
+    np.testing.assert_allclose(gorl_fm.sample_actions(stage0, obs, key, 100, 10),
+                               jnp.tanh(mean + scale * jax.random.normal(key, mean.shape)), atol=1e-6)
+    refined = gorl_fm.sample_actions(saved, obs, key, 100, 10, from_prior=True)
+    assert refined.shape == (100, 1) and float(jnp.abs(refined - prior_draws).max()) > 1e-4
     # The stage-1 decoder was refined: it is no longer the identity.
     z = jnp.linspace(-2, 2, 9)[:, None]
     decoded = gorl_fm.decode(saved["decoder"], jnp.zeros((9, obs.shape[0])), z, 10)

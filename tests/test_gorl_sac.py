@@ -356,7 +356,8 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
     for stage in (0, 1):
         saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.npz"))
         assert int(saved["step"]) == 400 * (stage + 1)
-    assert saved["stage_rows"][0]["refined_prior_return"] is not None
+    # The stage table carries the refined decoder's return that the refinement row logged.
+    assert saved["stage_rows"][0]["refined_prior_return"] == pytest.approx(float(refine["refine/prior_latent_return"]))
     assert os.path.exists(os.path.join(run_dir, "stages.md"))
     # Stage 0 ran with the identity decoder; stage 1 with the refined one.
     assert np.all(common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage0.npz"))["decoder"][-1]["w"] == 0)
