@@ -84,7 +84,6 @@ ROWS = {
                         "normalizer_update": "before"}),
 }
 EVAL_EVERY_ITERATIONS = 5  # 614,400 steps: the same evaluation points at every budget
-CHECKPOINTS = (1_228_800, 2_457_600)  # the table's columns
 
 
 @dataclasses.dataclass
@@ -102,16 +101,30 @@ class Args:
     """only build the table from the JSON files already written (each (row, seed) at its longest budget)"""
     overwrite: bool = False
     """rerun a (row, seed) whose JSON file exists (default: skip it)"""
+    num_envs: int = 256
+    """environments (the CPU check on FingerSpin: 64)"""
+    batch_size: int = 256
+    """sequences of 30 steps per minibatch (FingerSpin check: 64)"""
+    num_minibatches: int = 16
+    """minibatches per epoch (FingerSpin check: 4)"""
+    checkpoints: tuple[int, ...] = (1_228_800, 2_457_600)
+    """the steps the table reports (each a multiple of the evaluation interval, 5 iterations)"""
     results_dir: str = "benchmarks/results/brax_parity"
     """one JSON per (row, seed) here, relative to the repository root; the table goes beside it"""
+
+
+def task_discount(env_name: str) -> float:
+    """The task's discount (0.995; 0.95 on FingerSpin), given to both trainers."""
+    return ppo.resolve(ppo.Args(env_name=env_name)).discount
 
 
 def ppo_args(args: Args, seed: int, **overrides) -> ppo.Args:
     """ppo.py's Args with every hyperparameter given explicitly (nothing left to the task)."""
     return ppo.Args(
         env_name=args.env_name, seed=seed, impl="jax", total_timesteps=args.total_steps,
-        num_envs=256, unroll_length=30, batch_size=256, num_minibatches=16, num_epochs=16,
-        learning_rate=1e-3, max_grad_norm=0.0, discount=0.995, gae_lambda=0.95, clip_eps=0.3,
+        num_envs=args.num_envs, unroll_length=30, batch_size=args.batch_size, num_minibatches=args.num_minibatches,
+        num_epochs=16, learning_rate=1e-3, max_grad_norm=0.0, discount=task_discount(args.env_name), gae_lambda=0.95,
+        clip_eps=0.3,
         vf_coef=0.25, ent_coef=0.01, reward_scaling=10.0, actor_hidden=(32,) * 4,
         critic_hidden=(256,) * 5, num_eval_envs=128, deterministic_eval=True, matmul_precision="default",
         entropy="tanh", normalizer_update="after", fresh_start_states=False,
@@ -134,7 +147,8 @@ def validate(args: Args) -> None:
 
 
 def result_path(args: Args, row: str, seed: int) -> str:
-    return os.path.join(REPO, args.results_dir, f"{args.env_name}_{args.total_steps}_{row}_seed{seed}.json")
+    return os.path.join(REPO, args.results_dir,
+                        f"{args.env_name}_{args.num_envs}envs_{args.total_steps}_{row}_seed{seed}.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +268,7 @@ def load_results(args: Args, row: str) -> list[dict]:
     """One result per seed of `row`: the file of its longest budget (evaluation points are the
     same at every budget, and a shorter run's are a prefix of a longer run's)."""
     by_seed: dict[int, dict] = {}
-    pattern = os.path.join(REPO, args.results_dir, f"{args.env_name}_*_{row}_seed*.json")
+    pattern = os.path.join(REPO, args.results_dir, f"{args.env_name}_{args.num_envs}envs_*_{row}_seed*.json")
     for path in glob.glob(pattern):
         result = json.load(open(path))
         if result["row"] != row:  # e.g. "ppo" must not pick up "release-update-ppo"
@@ -278,24 +292,26 @@ def mean_and_standard_error(xs: list[float]) -> str:
 
 
 def report(args: Args) -> str:
-    lines = [f"{args.env_name}: eval return (128 envs, deterministic policy) at 1.23M and 2.46M steps, "
-             "mean +- standard error over seeds, and each seed's value (seed: at 1.23M / at 2.46M)",
+    at = [f"{c / 1e6:.2f}M" for c in args.checkpoints]
+    lines = [f"{args.env_name}, {args.num_envs} envs: eval return (128 envs, deterministic policy) at "
+             f"{' and '.join(at)} steps, mean +- standard error over seeds, and each seed's value "
+             f"(seed: {' / '.join(at)})",
              "",
-             "| row | seeds | at 1.23M | at 2.46M | per seed | steps/s |",
-             "|---|---|---|---|---|---|"]
+             f"| row | seeds | {' | '.join('at ' + a for a in at)} | per seed | steps/s |",
+             "|---|---|" + "---|" * len(at) + "---|---|"]
     for row, (label, _) in ROWS.items():
         results = load_results(args, row)
         if not results:
             continue
-        columns = [mean_and_standard_error([eval_return_at(r, c) for r in results]) for c in CHECKPOINTS]
+        columns = [mean_and_standard_error([eval_return_at(r, c) for r in results]) for c in args.checkpoints]
         per_seed = "; ".join(f"{r['seed']}: " + " / ".join(
-            "-" if math.isnan(eval_return_at(r, c)) else f"{eval_return_at(r, c):.0f}" for c in CHECKPOINTS)
+            "-" if math.isnan(eval_return_at(r, c)) else f"{eval_return_at(r, c):.0f}" for c in args.checkpoints)
             for r in results)
         speed = [r["steps_per_second"] for r in results if not math.isnan(r["steps_per_second"])]
-        lines.append(f"| {label} | {len(results)} | {columns[0]} | {columns[1]} | {per_seed} | "
+        lines.append(f"| {label} | {len(results)} | {' | '.join(columns)} | {per_seed} | "
                      f"{np.median(speed) if speed else math.nan:,.0f} |")
     table = "\n".join(lines)
-    path = os.path.join(REPO, args.results_dir, f"table_{args.env_name}.md")
+    path = os.path.join(REPO, args.results_dir, f"table_{args.env_name}_{args.num_envs}envs.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(table + "\n")

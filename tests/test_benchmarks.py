@@ -171,7 +171,7 @@ def test_brax_parity_report_takes_each_seeds_longest_run(tmp_path):
         with open(path, "w") as f:
             json.dump(result, f)
 
-    half, full = brax_parity.CHECKPOINTS
+    half, full = args.checkpoints
     write("ppo", 1, half, [(half, 100.0)])
     write("ppo", 1, full, [(half, 100.0), (full, 300.0)])
     write("ppo", 2, half, [(half, 200.0)])
