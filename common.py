@@ -706,21 +706,24 @@ def ppo_epochs_data(data: dict, norm, critic: Callable, args, **fields) -> dict:
 
 def minibatch_targets(batch: dict, values: jax.Array, critic: Callable, args) -> tuple[jax.Array, jax.Array, dict]:
     """(advantages normalized over the minibatch (Brax's normalize_advantage), value targets,
-    metrics) of one minibatch of `ppo_epochs_data`, given the current critic's `values` of its
-    observations. With --advantages minibatch, GAE runs here along each [sequence, step] row with
-    the current critic, so advantages and targets are refreshed at every epoch."""
+    metrics) of one minibatch of `ppo_epochs_data` (sequences arrive flattened, `minibatch_sgd`'s
+    `flatten`), given the current critic's `values` of its observations. With --advantages
+    minibatch, GAE runs here along each sequence with the current critic, so advantages and
+    targets are refreshed at every epoch."""
     if args.advantages == "minibatch":
-        time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        # [sequences * steps, ...] -> time-major [steps, sequences, ...] and back.
+        time_major = lambda x: jnp.swapaxes(x.reshape(-1, args.unroll_length, *x.shape[1:]), 0, 1)  # noqa: E731
+        flat = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])  # noqa: E731
         values_tm = time_major(values)
         if args.gae_form == "release":
             # Brax's: the next row's value, the true last observation's at the sequence's end. They
             # differ from V(next_obs) only where an episode ended, where this form multiplies them
             # by 0, and they cost one critic call on a row per sequence instead of on every row.
-            last = critic(jax.tree.map(lambda x: x[:, -1], batch["next_obs"]))
+            last = critic(jax.tree.map(lambda x: time_major(x)[-1], batch["next_obs"]))
             next_values = jnp.concatenate([values_tm[1:], last[None]], axis=0)
         else:
             next_values = time_major(critic(batch["next_obs"]))
-        advantage, target = jax.lax.stop_gradient(jax.tree.map(time_major, advantages_and_targets(
+        advantage, target = jax.lax.stop_gradient(jax.tree.map(flat, advantages_and_targets(
             values_tm, next_values, jax.tree.map(time_major, batch),
             args.reward_scaling, args.discount, args.gae_lambda, args.gae_form)))
     else:
@@ -749,11 +752,15 @@ def explained_variance(values: jax.Array, targets: jax.Array) -> jax.Array:
     return 1.0 - jnp.var(targets - values) / (jnp.var(targets) + 1e-8)
 
 
-def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_epochs: int, num_minibatches: int):
+def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_epochs: int, num_minibatches: int,
+                  flatten: bool = False):
     """`num_epochs` passes over `data` (leading axis = samples) in shuffled minibatches.
 
     `update(carry, minibatch) -> (carry, metrics)`; returns the final carry and the metrics
-    averaged over every minibatch step.
+    averaged over every minibatch step. With `flatten`, the samples are sequences
+    [samples, steps, ...], shuffled whole, and each minibatch reaches `update` as
+    [sequences * steps, ...]: the networks then see 2-D inputs, whose gradients run about 1.5x
+    faster on a CPU than those of [sequences, steps, features] inputs.
     """
     n = jax.tree.leaves(data)[0].shape[0]
     size = n // num_minibatches
@@ -761,6 +768,8 @@ def minibatch_sgd(update: Callable, carry: Any, data: dict, key: jax.Array, num_
     def epoch(carry, key):
         perm = jax.random.permutation(key, n)[: size * num_minibatches].reshape(num_minibatches, size)
         minibatches = jax.tree.map(lambda x: x[perm], data)
+        if flatten:
+            minibatches = jax.tree.map(lambda x: x.reshape(num_minibatches, -1, *x.shape[3:]), minibatches)
         return jax.lax.scan(update, carry, minibatches)
 
     carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(key, num_epochs))

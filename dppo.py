@@ -335,7 +335,8 @@ def make_train_iteration(env, optimizer, args: Args):
         batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
                                        chain=data["chain"], log_prob=data["log_prob"])
         (params, opt_state), metrics = common.minibatch_sgd(
-            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches
+            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches,
+            flatten=args.minibatch_unit == "sequence",
         )
         if args.normalizer_update == "after":
             # Updated after the epochs, so the ratio above compares against the exact rollout policy.

@@ -316,7 +316,8 @@ def make_train_iteration(env, optimizer, args: Args):
         batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
                                        action=data["action"], cfm_t=data["cfm_t"], cfm_eps=data["cfm_eps"], cfm_loss=data["cfm_loss"])
         (params, opt_state), metrics = common.minibatch_sgd(
-            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches
+            update, (params, opt_state), batch, k_sgd, args.num_epochs, args.num_minibatches,
+            flatten=args.minibatch_unit == "sequence",
         )
         if args.normalizer_update == "after":
             # Updated after the epochs, so the old CFM losses stay those of the exact rollout inputs.

@@ -477,7 +477,8 @@ def make_train_iteration(env, optimizer, args: Args):
         batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
                                        latent=data["latent"], log_prob=data["log_prob"])
         (params, opt_state, _), metrics = common.minibatch_sgd(
-            update, (params, state.opt_state, state.hp), batch, k_sgd, args.num_epochs, args.num_minibatches
+            update, (params, state.opt_state, state.hp), batch, k_sgd, args.num_epochs, args.num_minibatches,
+            flatten=args.minibatch_unit == "sequence",
         )
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
         metrics["train/action_abs_mean"] = jnp.abs(jnp.tanh(data["action"])).mean()

@@ -291,6 +291,26 @@ def test_minibatch_sgd_visits_every_sample_once_per_epoch():
     assert float(metrics["x"]) == pytest.approx(float(data["x"].mean()), rel=1e-6)
 
 
+def test_minibatch_sgd_shuffles_whole_sequences_and_flattens_them():
+    n, steps, num_minibatches = 8, 5, 2
+    size = n // num_minibatches * steps
+    data = {"id": jnp.arange(n * steps).reshape(n, steps)}  # sequence i holds 5i, ..., 5i + 4
+
+    def update(carry, minibatch):
+        step, order = carry
+        assert minibatch["id"].shape == (size,)  # [sequences * steps]
+        return (step + 1, order.at[step].set(minibatch["id"])), {}
+
+    carry = (jnp.int32(0), jnp.full((num_minibatches, size), -1))
+    (_, order), _ = common.minibatch_sgd(update, carry, data, jax.random.PRNGKey(0), 1, num_minibatches, flatten=True)
+    order = np.asarray(order)
+    np.testing.assert_array_equal(np.sort(order.ravel()), np.arange(n * steps))  # every step once
+    blocks = order.reshape(-1, steps)  # consecutive runs of 5: whole sequences, in order
+    np.testing.assert_array_equal(blocks - blocks[:, :1], np.tile(np.arange(steps), (len(blocks), 1)))
+    assert np.all(blocks[:, 0] % steps == 0)
+    assert not np.array_equal(blocks[:, 0], np.arange(0, n * steps, steps))  # shuffled
+
+
 def surrogate_reference(log_ratio, a, clip_eps):
     r = np.exp(log_ratio)
     return (-np.minimum(r * a, np.clip(r, 1 - clip_eps, 1 + clip_eps) * a).mean(), np.mean(np.abs(r - 1) > clip_eps),

@@ -86,9 +86,10 @@ def test_advantages_per_minibatch_are_gae_of_the_sequences_with_the_current_crit
     plain loop computed on the same [sequence, step] minibatch with the same critic."""
     from test_common import gae_reference
 
-    args = ppo.resolve(ppo.Args(actor_hidden=(8,), critic_hidden=(8,), gae_form=gae_form))
-    params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
     B, L = 6, 10
+    args = ppo.resolve(ppo.Args(actor_hidden=(8,), critic_hidden=(8,), gae_form=gae_form, unroll_length=L))
+    params = ppo.init_params(jax.random.PRNGKey(0), 5, 2, args)
+    flat = lambda tree: jax.tree.map(lambda x: jnp.reshape(x, (B * L, *np.shape(x)[2:])), tree)  # noqa: E731
     batch = jax.tree.map(lambda x: x.reshape(B, L, *x.shape[1:]), random_batch(params, jax.random.PRNGKey(1), n=B * L))
     rng = np.random.default_rng(0)
     termination = (rng.random((B, L)) < 0.1).astype(np.float32)
@@ -98,7 +99,8 @@ def test_advantages_per_minibatch_are_gae_of_the_sequences_with_the_current_crit
                      reward=rng.normal(size=(B, L)).astype(np.float32), termination=termination,
                      truncation=truncation, episode_done=np.maximum(termination, truncation))
     key = jax.random.PRNGKey(4)
-    _, got = ppo.ppo_loss(params, sequences, key, dataclasses.replace(args, advantages="minibatch"))
+    # Minibatches of sequences reach the loss flattened to [sequences * steps, ...].
+    _, got = ppo.ppo_loss(params, flat(sequences), key, dataclasses.replace(args, advantages="minibatch"))
 
     values = np.asarray(ppo.critic(params["critic"], batch["obs"])).T  # time-major [L, B]
     next_values = np.asarray(ppo.critic(params["critic"], sequences["next_obs"])).T
@@ -118,7 +120,7 @@ def test_advantages_per_minibatch_are_gae_of_the_sequences_with_the_current_crit
             target[t] = following + values[t]
         next_target = np.concatenate([target[1:], next_values[-1:]])
         advantage = (rewards + args.discount * (1 - termination.T) * next_target - values) * (1 - truncation.T)
-    _, want = ppo.ppo_loss(params, dict(batch, advantage=advantage.T, target=target.T), key, args)
+    _, want = ppo.ppo_loss(params, flat(dict(batch, advantage=advantage.T, target=target.T)), key, args)
     for name in LOSS_KEYS:
         assert float(got[name]) == pytest.approx(float(want[name]), rel=1e-4, abs=1e-5), name
 
