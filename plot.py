@@ -578,8 +578,8 @@ def video_from_run(path: str, out: str | None = None, stages: list[int] | None =
 
     module = importlib.import_module(config["algo"])
     args = common.args_from_run(module.Args, run_dir)
-    # gorl_sac's make_env adds Brax's Gym tasks; `unwrapped` is the bare task, which renders.
-    env = getattr(module, "make_env", common.make_env)(args.env_name, args.impl).unwrapped
+    # The script's own make_env (gorl_sac's adds Brax's Gym tasks): the bare task, which renders.
+    env = module.make_env(args)
     model = getattr(env, "sys", env).mj_model  # a Brax task keeps its MuJoCo model in env.sys
     camera = camera_name(model, camera)
     check_renderer(model, height, width)
