@@ -33,8 +33,7 @@ lambda-recursion at either, since the next row starts a new episode.
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,24 +41,11 @@ import optax
 import tyro
 
 import common
+import running
 
 
 @dataclasses.dataclass
-class Args:
-    env_name: str = "HopperStand"
-    """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
-    seed: int = 1
-    """random seed"""
-    num_seeds: int = 1
-    """seeds trained side by side in this process: seed, seed+1, ..., each with its own run folder"""
-    distributed: bool = False
-    """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
-    impl: str = "jax"
-    """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
-    episode_length: int | None = None
-    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
-    matmul_precision: str | None = None
-    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
+class Args(running.RunFlags):
     total_timesteps: int = 180_000_000
     """environment steps to train for"""
     num_envs: int = 2048
@@ -88,13 +74,13 @@ class Args:
     """clip each step's log-ratio to [-this, this] before exp, only so that it stays finite (released: no clip)"""
     vf_coef: float = 0.25
     """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
-    advantages: str = "rollout"
+    advantages: Literal["rollout", "minibatch"] = "rollout"
     """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
-    minibatch_unit: str = "transition"
+    minibatch_unit: Literal["transition", "sequence"] = "transition"
     """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
-    gae_form: str = "standard"
+    gae_form: Literal["standard", "release"] = "standard"
     """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
-    normalizer_update: str = "after"
+    normalizer_update: Literal["after", "before"] = "after"
     """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
@@ -114,18 +100,6 @@ class Args:
     """evaluate every this many environment steps"""
     num_eval_envs: int = 128
     """environments in one evaluation (one full episode each, deterministic policy)"""
-    runs_dir: str = "runs"
-    """where run folders are created"""
-    exp_name: str | None = None
-    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: dppo)"""
-    track: bool = False
-    """mirror config.json and metrics.csv to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no account)"""
-    wandb_project: str = "gorl"
-    """Weights & Biases project, with --track"""
-    wandb_entity: str | None = None
-    """Weights & Biases entity (user or team), with --track; None: your default entity"""
-    resume: str | None = None
-    """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
 
 
 def make_env(args: Args):
@@ -133,7 +107,7 @@ def make_env(args: Args):
     Playground task `args.env_name`. To train on your own task, return your environment here (a
     Playground `MjxEnv` or a Brax `Env`), or pass it to `main(args, env)` (README, "Your own
     environment")."""
-    return common.load_playground_env(args.env_name, args.impl)
+    return running.load_playground_env(args.env_name, args.impl)
 
 
 def steps_per_iteration(args: Args) -> int:
@@ -141,23 +115,24 @@ def steps_per_iteration(args: Args) -> int:
 
 
 # The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
-# configs/methods/dppo.toml has them; common.TASK_SETTINGS overrides them per task.
+# configs/methods/dppo.toml has them; running.TASK_SETTINGS has the values every method takes per
+# task (discounts, precision), and this method sets none of its own.
 TASK_DEFAULTS = {"matmul_precision": "default", "discount": 0.995}
+TASK_SETTINGS: dict[str, dict] = {}
 
 
 def resolve(args: Args) -> Args:
     """`args` with every task-dependent flag left at None set to the task's value."""
-    return common.resolve_task_settings(args, "dppo", TASK_DEFAULTS)
+    return running.resolve_task_settings(args, TASK_SETTINGS, TASK_DEFAULTS)
 
 
 def validate(args: Args) -> None:
     """Reject bad flag values before anything is compiled (task-dependent flags left at None
     are checked at the task's value)."""
     args = resolve(args)
-    common.check_args([
-        *common.ppo_layout_checks(args),
-        *common.ppo_update_checks(args),
-        *common.seed_checks(args),
+    running.check_args([
+        *running.ppo_layout_checks(args),
+        *running.seed_checks(args),
         (0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}"),
         (args.total_timesteps >= steps_per_iteration(args),
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
@@ -363,19 +338,15 @@ def act_sampled(params, norm, obs, key, args: Args):
 def main(args: Args, env=None) -> None:
     """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
     `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
-    if args.resume:
-        args = common.args_from_run(Args, args.resume, resume=args.resume)
-    args = resolve(args)  # config.json records the resolved values
-    validate(args)
-    common.start_runtime(args)
-
+    args = running.start(args, Args, resolve, validate)  # --resume's flags, the task's values, checked
     env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
     args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
     optimizer = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
         optax.adam(args.learning_rate),
     )
-    runs = common.Runs(args, "dppo")  # a run folder per seed
+    per_iter = steps_per_iteration(args)
+    runs = running.Runs(args, "dppo", total_steps=args.total_timesteps)  # a run folder per seed
 
     def init(key):
         key, k_init, k_env = jax.random.split(key, 3)
@@ -390,10 +361,12 @@ def main(args: Args, env=None) -> None:
             return evaluator(lambda obs, key: act(state.params, state.norm, obs, env.action_size, args), key)
         return evaluator(lambda obs, key: act_sampled(state.params, state.norm, obs, key, args), key)
 
-    # Every seed at once: each function below maps one seed's state over the leading seed axis.
-    state, key = runs.parallel(init)(runs.keys())
-    train_iteration = runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    # Every function below is one seed's, mapped over the leading seed axis of all seeds' states.
+    init = runs.parallel(init)
+    train_iteration = runs.timed(runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0), per_iter)
     evaluate = runs.parallel(evaluate)
+
+    state, key = init(runs.keys())
 
     step = 0
     if args.resume:
@@ -405,22 +378,20 @@ def main(args: Args, env=None) -> None:
         runs.save("latest.npz", {
             "params": state.params, "opt_state": state.opt_state, "norm": state.norm, "step": step, "key": key})
 
-    start = time.time()
-    try:
-        state, key, step, final_return = common.run_iterations(
-            runs, train_iteration, state, key,
-            step=step, end_step=args.total_timesteps, steps_per_iteration=steps_per_iteration(args),
-            total_steps=args.total_timesteps, eval_every=args.eval_every, evaluate=evaluate,
-            on_eval=save,
-        )
-    except KeyboardInterrupt:
-        print(f"interrupted; resume with: python dppo.py --resume {runs.dir}")
-        raise
-    finally:
-        runs.close()
-    print(f"done: {step:,} steps in {time.time() - start:.0f}s, final evaluation return {common.over_seeds(final_return)}")
-    for run in runs.runs:
-        print(f"run folder: {run.dir}")
+    final_return = float("nan")
+    with runs:  # closes the run folders; Ctrl-C says how to resume
+        while step + per_iter <= args.total_timesteps:
+            key, k_iter, k_eval = runs.split(key, 3)
+            state, metrics = train_iteration(state, k_iter)
+            step += per_iter
+            evaluating = running.evaluation_due(step, per_iter, args.total_timesteps, args.eval_every)
+            if evaluating:
+                metrics.update(jax.device_get(evaluate(state, k_eval)))
+                final_return = metrics["eval/return"]
+            runs.log_iteration(step, metrics)
+            if evaluating:  # (the row before the checkpoint: none lost or repeated)
+                save(state, step, key)
+    runs.finish(step, final_return=final_return)
 
 
 if __name__ == "__main__":

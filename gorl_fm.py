@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,24 +31,11 @@ import optax
 import tyro
 
 import common
+import running
 
 
 @dataclasses.dataclass
-class Args:
-    env_name: str = "HopperStand"
-    """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
-    seed: int = 1
-    """random seed"""
-    num_seeds: int = 1
-    """seeds trained side by side in this process: seed, seed+1, ..., each with its own run folder"""
-    distributed: bool = False
-    """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
-    impl: str = "jax"
-    """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
-    episode_length: int | None = None
-    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
-    matmul_precision: str | None = None
-    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
+class Args(running.RunFlags):
     stage_steps: tuple[int, ...] | None = None
     """environment steps of latent PPO in each stage (stage 0 uses the identity decoder); None:
     the task's value (60M 60M 30M 30M; 60M 60M on HumanoidRun)"""
@@ -65,8 +52,8 @@ class Args:
     """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
     num_epochs: int = 16
     """optimization epochs over each iteration's data"""
-    learning_rate: float = 1e-3
-    """Adam learning rate of the encoder and critic"""
+    learning_rate: tuple[float, ...] = (1e-3,)
+    """Adam learning rate of the encoder and critic, per stage (the last value for every later stage)"""
     discount: float | None = None
     """discount factor gamma; None: the task's value (0.995; 0.95 on FingerSpin and BallInCup)"""
     gae_lambda: float = 0.95
@@ -75,31 +62,26 @@ class Args:
     """value loss coefficient: the value loss is vf_coef * mean((V - target)^2)"""
     ent_coef: float = 0.01
     """entropy bonus coefficient of the latent policy"""
-    advantages: str = "rollout"
+    advantages: Literal["rollout", "minibatch"] = "rollout"
     """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
-    minibatch_unit: str = "transition"
+    minibatch_unit: Literal["transition", "sequence"] = "transition"
     """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
-    gae_form: str = "standard"
+    gae_form: Literal["standard", "release"] = "standard"
     """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
-    normalizer_update: str = "after"
+    normalizer_update: Literal["after", "before"] = "after"
     """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
-    stage0_clip_eps: float | None = None
-    """PPO ratio clipping in stage 0; None: the task's value (0.15; 0.3 on humanoids)"""
-    clip_eps: float = 0.3
-    """PPO ratio clipping in stages 1 and later"""
-    stage0_max_grad_norm: float = 0.5
-    """global gradient-norm clip in stage 0"""
-    max_grad_norm: float | None = None
-    """global gradient-norm clip in stages 1 and later; None: the task's value (0.5 as released;
-    1.0 on FingerTurnHard and WalkerWalk, and in the paper's text)"""
-    stage0_kl_beta: float = 5e-4
-    """weight beta of the latent regularizer (Eq. 3) in stage 0"""
-    kl_beta: float | None = None
-    """weight beta of the latent regularizer (Eq. 3) in stages 1 and later; None: the task's value
-    (1e-3; 3e-3 on WalkerWalk)"""
-    latent_regularizer: str = "kl"
+    clip_eps: tuple[float, ...] | None = None
+    """PPO ratio clipping per stage (the last value for every later stage); None: the task's value
+    (0.15 in stage 0, 0.3 after; 0.3 throughout on humanoids)"""
+    max_grad_norm: tuple[float, ...] | None = None
+    """global gradient-norm clip per stage; None: the task's value (0.5 as released; 0.5 in stage
+    0 and 1.0 after on FingerTurnHard and WalkerWalk, and in the paper's text)"""
+    kl_beta: tuple[float, ...] | None = None
+    """weight beta of the latent regularizer (Eq. 3) per stage; None: the task's value (5e-4 in
+    stage 0, 1e-3 after; 3e-3 after on WalkerWalk)"""
+    latent_regularizer: Literal["kl", "l2"] = "kl"
     """kl: beta * KL(encoder || N(0, I)) in closed form (Eq. 3); l2: the release's beta * (mean mu^2
     + mean sigma^2), which pulls sigma towards 0 instead of 1"""
     bounded_latent: bool | None = None
@@ -115,7 +97,7 @@ class Args:
     and in the paper's text)"""
     flow_steps: int = 10
     """Euler steps from x_0 = z to x_1 = a"""
-    action_semantics: str | None = None
+    action_semantics: Literal["pre_squash", "bounded"] | None = None
     """pre_squash: the decoder outputs the pre-tanh action and the environment receives tanh(a);
     bounded: it outputs the environment's action, clipped to [-1, 1]; None: the task's value
     (bounded on humanoids)"""
@@ -137,7 +119,7 @@ class Args:
     decoder_target_clip: float | None = None
     """regression targets (the collected actions) clipped to [-c, c], 0: no clip; None: the task's
     value (3; none on HopperStand; 1 on humanoids, whose targets are bounded actions)"""
-    decoder_init: str = "fresh"
+    decoder_init: Literal["fresh", "warm"] = "fresh"
     """fresh: each refinement trains a newly initialized decoder (the exact identity before
     training), as released; warm: continue training the current decoder (the paper's text)"""
     refine_val_fraction: float = 0.1
@@ -146,12 +128,12 @@ class Args:
     """validate every this many decoder steps (and before the first); the best decoder is kept"""
     refine_val_size: int = 65536
     """held-out transitions the validation metric averages over (fixed draws, so comparable)"""
-    refine_metric: str | None = None
+    refine_metric: Literal["val_loss", "val_endpoint_mse"] | None = None
     """decoder selection: val_loss (flow-matching loss) or val_endpoint_mse (squared error of
     g(s, z), z a fixed prior draw, to the action); None: the task's value (val_endpoint_mse on
     FingerSpin and FishSwim)"""
     # --- ablations of paper 002 (Fig. 4) and the decoder-iteration study; off by default
-    refine_latents: str = "prior"
+    refine_latents: Literal["prior", "encoder"] = "prior"
     """decoder inputs during refinement: prior (fresh N(0, I) draws, the method) or encoder (the
     latents the encoder sampled in the refinement rollouts: the self-reconstruction ablation)"""
     encoder_reset: bool = True
@@ -167,18 +149,6 @@ class Args:
     deterministic_eval: bool | None = None
     """evaluate the encoder's mean latent (True) or sampled latents; None: the task's value
     (sampled on humanoids, as released)"""
-    runs_dir: str = "runs"
-    """where run folders are created"""
-    exp_name: str | None = None
-    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: gorl_fm, with the ablation flags that differ from the method appended)"""
-    track: bool = False
-    """mirror config.json and metrics.csv to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no account)"""
-    wandb_project: str = "gorl"
-    """Weights & Biases project, with --track"""
-    wandb_entity: str | None = None
-    """Weights & Biases entity (user or team), with --track; None: your default entity"""
-    resume: str | None = None
-    """run folder to resume from its last completed stage (its config.json replaces the other flags)"""
 
 
 def make_env(args: Args):
@@ -186,31 +156,38 @@ def make_env(args: Args):
     Playground task `args.env_name`. To train on your own task, return your environment here (a
     Playground `MjxEnv` or a Brax `Env`), or pass it to `main(args, env)` (README, "Your own
     environment")."""
-    return common.load_playground_env(args.env_name, args.impl)
+    return running.load_playground_env(args.env_name, args.impl)
 
 
-# The values of the flags above that default to None, on a task that common.TASK_SETTINGS and
-# common.PROFILES do not mention (the release's dm_control profile).
+# The flags above that default to None, at their values on a task that sets nothing (the
+# release's dm_control profile, configs/methods/gorl_fm.toml); then this method's values per
+# task (configs/tasks/*.toml); running.TASK_SETTINGS has those every method shares (discounts).
 TASK_DEFAULTS = {
-    "matmul_precision": "default",
-    "stage_steps": (60_000_000, 60_000_000, 30_000_000, 30_000_000),
-    "discount": 0.995,
-    "stage0_clip_eps": 0.15,
-    "max_grad_norm": 0.5,
-    "kl_beta": 1e-3,
-    "bounded_latent": False,
-    "decoder_hidden": (128, 128, 128, 128),
-    "action_semantics": "pre_squash",
-    "refine_episodes": 4096,
-    "decoder_target_clip": 3.0,
-    "refine_metric": "val_loss",
-    "deterministic_eval": True,
+    "matmul_precision": "default", "stage_steps": (60_000_000, 60_000_000, 30_000_000, 30_000_000), "discount": 0.995,
+    "clip_eps": (0.15, 0.3), "max_grad_norm": (0.5, 0.5), "kl_beta": (5e-4, 1e-3), "bounded_latent": False,
+    "decoder_hidden": (128, 128, 128, 128), "action_semantics": "pre_squash", "refine_episodes": 4096,
+    "decoder_target_clip": 3.0, "refine_metric": "val_loss", "deterministic_eval": True,
+}
+# The humanoid profile (paper 002's 21-D HumanoidStand / HumanoidRun) bounds the latent, clips
+# the ratio at 0.3 in every stage, regresses the decoder onto the environment's (bounded)
+# action, collects fewer refinement episodes and evaluates the stochastic policy. Per-stage
+# exceptions of single tasks (e.g. FingerTurnHard's stage-3 KL weight) are in the README.
+HUMANOID = {"bounded_latent": True, "clip_eps": (0.3,), "refine_episodes": 1024, "action_semantics": "bounded",
+            "decoder_target_clip": 1.0, "deterministic_eval": False}
+TASK_SETTINGS = {
+    "FingerSpin": {"refine_metric": "val_endpoint_mse"},
+    "FingerTurnHard": {"max_grad_norm": (0.5, 1.0)},
+    "FishSwim": {"refine_metric": "val_endpoint_mse"},
+    "WalkerWalk": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 3e-3)},
+    "HopperStand": {"decoder_hidden": (64, 64, 64, 64), "decoder_target_clip": 0.0},
+    "HumanoidStand": {**HUMANOID, "refine_episodes": 128},
+    "HumanoidRun": HUMANOID,
 }
 
 
 def resolve(args: Args) -> Args:
-    """Fill the task-dependent flags (None) with the task's values (see common.TASK_SETTINGS)."""
-    return common.resolve_task_settings(args, "gorl_fm", TASK_DEFAULTS)
+    """Fill the task-dependent flags (None) with the task's values."""
+    return running.resolve_task_settings(args, TASK_SETTINGS, TASK_DEFAULTS)
 
 
 def steps_per_iteration(args: Args) -> int:
@@ -223,20 +200,21 @@ def iterations_in_stage(args: Args, stage: int) -> int:
 
 
 def validate(args: Args) -> None:
-    """Reject bad flag values before anything is compiled (`args` resolved by `resolve`)."""
+    """Reject bad flag values before anything is compiled (task-dependent flags left at None
+    are checked at the task's value)."""
+    args = resolve(args)
     per_iter = steps_per_iteration(args)
-    common.check_args([
-        *common.ppo_layout_checks(args),
-        *common.ppo_update_checks(args),
-        *common.seed_checks(args),
+    running.check_args([
+        *running.ppo_layout_checks(args),
+        *running.seed_checks(args),
+        *[(len(v) >= 1 and min(v) >= 0, f"--{name.replace('_', '-')} needs one or more values >= 0, got {v}")
+          for name, v in (("learning_rate", args.learning_rate), ("clip_eps", args.clip_eps),
+                          ("max_grad_norm", args.max_grad_norm), ("kl_beta", args.kl_beta))],
         (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
         (all(n >= per_iter for n in args.stage_steps),
          f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
          f"({per_iter:,} steps = batch_size * num_minibatches * unroll_length)"),
         *refinement_checks(args),
-        (args.latent_regularizer in ("kl", "l2"), f"--latent-regularizer must be kl or l2, got {args.latent_regularizer!r}"),
-        (args.refine_metric in ("val_loss", "val_endpoint_mse"),
-         f"--refine-metric must be val_loss or val_endpoint_mse, got {args.refine_metric!r}"),
         (args.frozen_decoder is None or os.path.isfile(args.frozen_decoder),
          f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.npz)"),
     ])
@@ -258,10 +236,6 @@ def refinement_checks(args: Args) -> list[tuple[bool, str]]:
         (args.refine_steps % max(args.refine_eval_every, 1) == 0,
          f"--refine-steps {args.refine_steps} must be a multiple of --refine-eval-every {args.refine_eval_every}"),
         (args.decoder_target_clip >= 0, "--decoder-target-clip must be >= 0 (0: no clip)"),
-        (args.decoder_init in ("fresh", "warm"), f"--decoder-init must be fresh or warm, got {args.decoder_init!r}"),
-        (args.action_semantics in ("pre_squash", "bounded"),
-         f"--action-semantics must be pre_squash or bounded, got {args.action_semantics!r}"),
-        (args.refine_latents in ("prior", "encoder"), f"--refine-latents must be prior or encoder, got {args.refine_latents!r}"),
     ]
 
 
@@ -382,7 +356,7 @@ class TrainState(NamedTuple):
     decoder: list  # g_phi, frozen during a stage, refitted between stages
     decoder_norm: common.Normalizer  # the statistics the decoder was fitted with, fixed with it
     opt_state: Any = None  # the stage's Adam state (`start_stage`)
-    hp: dict | None = None  # the stage's clip, gradient-norm clip and KL weight, as arrays
+    hp: dict | None = None  # the stage's learning rate, clips and KL weight, as arrays
     env_state: Any = None  # the batched training environments, mid-episode
 
 
@@ -433,14 +407,11 @@ def latent_ppo_loss(params, batch, hp, args: Args):
 
 
 def stage_hyperparameters(args: Args, stage: int):
-    """Stage 0 trains more conservatively (the released code's settings). Arrays, not Python
-    floats, so that changing them between stages does not recompile the training iteration."""
-    first = stage == 0
-    return {
-        "clip_eps": jnp.float32(args.stage0_clip_eps if first else args.clip_eps),
-        "max_grad_norm": jnp.float32(args.stage0_max_grad_norm if first else args.max_grad_norm),
-        "kl_beta": jnp.float32(args.stage0_kl_beta if first else args.kl_beta),
-    }
+    """The stage's learning rate, clip, gradient-norm clip and KL weight (stage 0 trains more
+    conservatively, as released). Arrays, not Python floats, so that changing them between
+    stages does not recompile the training iteration."""
+    return {name: jnp.float32(running.per_stage(getattr(args, name), stage))
+            for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta")}
 
 
 def clip_by_global_norm(grads, max_norm):
@@ -456,7 +427,8 @@ def make_train_iteration(env, optimizer, args: Args):
         params, opt_state, hp = carry
         grads, metrics = jax.grad(latent_ppo_loss, has_aux=True)(params, batch, hp, args)
         grads = clip_by_global_norm(grads, hp["max_grad_norm"])
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)  # Adam's direction ...
+        updates = jax.tree.map(lambda u: -hp["learning_rate"] * u, updates)  # ... the stage's step size
         return (optax.apply_updates(params, updates), opt_state, hp), metrics
 
     def train_iteration(state, key):
@@ -568,30 +540,23 @@ def make_refinement(env, args: Args):
     return jax.jit(collect), jax.jit(fit)
 
 
-def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, runs):
-    """Between stage m-1 and stage m (Algorithm 1): freeze the encoder, collect fresh episodes
-    with it and the current decoder, fit the decoder to map the prior onto those actions (Eq. 4),
-    and check it: the return of the refined decoder under the prior's mean latent. Every seed at
-    once (`collect`, `fit` and `evaluate` map over the seed axis of `state` and `key`)."""
+def refine_decoder(state, key, collect, fit, evaluate, runs):
+    """Algorithm 1, lines 14-18, between stage m-1 and stage m: freeze the encoder, collect fresh
+    episodes with it and the current decoder, fit the decoder to map the prior onto those
+    actions (Eq. 4), and check it: the return of the refined decoder under the prior's mean
+    latent. Every seed at once (`collect`, `fit` and `evaluate` map over the seed axis). Returns
+    the state with the new decoder and the refinement's metrics."""
     k_collect, k_fit, k_eval = runs.split(key, 3)
     t0 = time.time()
     dataset, collect_return = collect(state, k_collect)
     decoder, decoder_norm, metrics = fit(state.decoder, dataset, k_fit)
-    metrics = jax.device_get(metrics)
-    common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
     # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
     # state for the whole next stage, while the encoder's statistics move on.
     state = state._replace(decoder=decoder, decoder_norm=decoder_norm)
-    refined_return = jax.device_get(evaluate(state, k_eval, True)["eval/return"])
-    metrics.update({"refine/collect_return": jax.device_get(collect_return),
-                    "refine/prior_latent_return": refined_return, "refine/seconds": time.time() - t0})
-    runs.log(step, metrics)
-    print(f"refined decoder before stage {stage}: validation {common.over_seeds(metrics['refine/val_initial'], '.4f')}"
-          f" -> {common.over_seeds(metrics['refine/val_best'], '.4f')} (best at step "
-          f"{common.over_seeds(metrics['refine/best_step'], ',.0f')}), collection return "
-          f"{common.over_seeds(metrics['refine/collect_return'])}, eval return with prior latents "
-          f"{common.over_seeds(refined_return)} ({metrics['refine/seconds']:.0f}s)")
-    return state, refined_return
+    metrics = {**jax.device_get(metrics), "refine/collect_return": jax.device_get(collect_return),
+               "refine/prior_latent_return": jax.device_get(evaluate(state, k_eval, True)["eval/return"]),
+               "refine/seconds": time.time() - t0}
+    return state, metrics
 
 
 def experiment_name(args: Args) -> str:
@@ -624,118 +589,90 @@ def make_evaluate(env, args: Args):
     return lambda state, key, prior_latents=False: evaluate_jit(state, key, jnp.asarray(prior_latents))
 
 
-def init_state(obs_size: int, action_size: int, args: Args, k_critic, k_decoder):
-    """Algorithm 1, line 2: the identity decoder (or the one --frozen-decoder names) and a
-    critic; each stage creates its encoder (`start_stage`)."""
-    policy_size, critic_size = common.observation_sizes(obs_size)
+def init_state(env, args: Args, key):
+    """Algorithm 1, line 2: the identity decoder (or the one --frozen-decoder names), a critic
+    and the environments; each stage creates its encoder (`start_stage`). Returns the state and
+    the key to go on with."""
+    key, k_critic, k_decoder, k_env = jax.random.split(key, 4)
+    policy_size, critic_size = common.observation_sizes(env.observation_size)
     state = TrainState(
         params={"encoder": None, "critic": common.mlp_init(k_critic, [critic_size, *args.critic_hidden, 1])},
-        norm=common.normalizer_init(obs_size),  # a dict observation: statistics per entry
-        decoder=init_decoder(k_decoder, policy_size, action_size, args),  # stage 0: the identity
+        norm=common.normalizer_init(env.observation_size),  # a dict observation: statistics per entry
+        decoder=init_decoder(k_decoder, policy_size, env.action_size, args),  # stage 0: the identity
         decoder_norm=common.normalizer_init(policy_size),
+        env_state=common.reset_envs(env, k_env, args.num_envs),
     )
     if args.frozen_decoder:
-        source = common.load_checkpoint(args.frozen_decoder)
+        source = running.load_checkpoint(args.frozen_decoder)
         state = state._replace(decoder=source["decoder"], decoder_norm=source["decoder_norm"])
-        print(f"decoder frozen from {args.frozen_decoder}; no refinement in this run")
-    return state
+    return state, key
 
 
-def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, stage: int, key):
+def start_stage(state, key, hp, optimizer, env, args: Args):
     """Algorithm 1, lines 6-7: the decoder frozen, the encoder re-initialized to the prior
     N(0, I) (kept training with --no-encoder-reset); a fresh optimizer state and the stage's
-    clip, gradient-norm and KL settings. The critic and normalizer carry over."""
+    hyperparameters `hp`. The critic and normalizer carry over."""
     params = state.params
     if args.encoder_reset or params["encoder"] is None:
-        params = dict(params, encoder=init_encoder(key, obs_size, action_size, args))
-    return state._replace(params=params, opt_state=optimizer.init(params), hp=stage_hyperparameters(args, stage))
-
-
-def save_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> None:
-    """Stage m's encoder, critic, normalizer and the decoder it ran with, in each seed's folder.
-    Resuming after it repeats only the refinement, from the same key, so the result is the same."""
-    checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
-    runs.save(f"stage{stage}.npz", {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
-
-
-def save_inside_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> None:
-    """At every evaluation inside a stage (its end is `save_stage`'s), what continuing the stage
-    needs, in checkpoints/latest.npz: the stage's encoder, critic, optimizer state and settings,
-    the normalizer, the frozen decoder, the environments where they are (their arrays) and the
-    key, so that the resumed stage trains as the uninterrupted one would."""
-    runs.save("latest.npz", {**{k: getattr(state, k) for k in RESUME_KEYS}, "env_state": jax.tree.leaves(state.env_state),
-                             "stage": stage, "step": step, "key": key, "stage_rows": stage_rows})
+        params = dict(params, encoder=init_encoder(key, env.observation_size, env.action_size, args))
+    return state._replace(params=params, opt_state=optimizer.init(params), hp=hp)
 
 
 def main(args: Args, env=None) -> None:
     """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
     `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
-    if args.resume:
-        args = common.args_from_run(Args, args.resume, resume=args.resume)
-    args = resolve(args)
-    validate(args)
-    common.start_runtime(args)
-
+    args = running.start(args, Args, resolve, validate)  # --resume's flags, the task's values, checked
     env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
     args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
-    obs_size, action_size = env.observation_size, env.action_size
-    runs = common.Runs(args, "gorl_fm", default_exp_name=experiment_name(args))  # a run folder per seed
-    optimizer = optax.adam(args.learning_rate)
-    per_iter = steps_per_iteration(args)
-    total_steps = sum(iterations_in_stage(args, m) for m in range(len(args.stage_steps))) * per_iter
+    per_iter, num_stages = steps_per_iteration(args), len(args.stage_steps)
+    stage_end = [sum(iterations_in_stage(args, m) for m in range(k + 1)) * per_iter for k in range(num_stages)]
+    runs = running.Runs(args, "gorl_fm", total_steps=stage_end[-1], default_exp_name=experiment_name(args))
+    optimizer = optax.scale_by_adam()  # each stage's learning rate scales the steps (stage_hyperparameters)
 
-    def init(key):
-        key, k_critic, k_decoder, k_env = jax.random.split(key, 4)
-        state = init_state(obs_size, action_size, args, k_critic, k_decoder)
-        return state._replace(env_state=common.reset_envs(env, k_env, args.num_envs)), key
-
-    # Every seed at once: each function below maps one seed's state over the leading seed axis.
-    state, key = runs.parallel(init)(runs.keys())
-    train_iteration = runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    # Every function below is one seed's, mapped over the leading seed axis of all seeds' states.
+    init = runs.parallel(lambda key: init_state(env, args, key))
+    new_encoder = runs.parallel(lambda state, key, hp: start_stage(state, key, hp, optimizer, env, args),
+                                in_axes=(0, 0, None))
+    train_iteration = runs.timed(runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0), per_iter)
     collect, fit = (runs.parallel(f) for f in make_refinement(env, args))
     evaluate = runs.parallel(make_evaluate(env, args), in_axes=(0, 0, None))  # (state, key, prior_latents)
 
-    step, first_stage, stage_rows = 0, 0, []
-    inside = runs.resume_inside_stage() if args.resume else None  # stopped inside a stage: continue it
-    resumed = runs.resume_last_stage() if args.resume and not inside else None
-    if inside:
-        env_state = jax.tree.unflatten(jax.tree.structure(state.env_state), inside["env_state"])
-        state = state._replace(**{k: inside[k] for k in RESUME_KEYS}, env_state=env_state)
-        step, key, stage_rows, first_stage = inside["step"], inside["key"], inside["stage_rows"], inside["stage"]
-    elif resumed:
-        last, saved = resumed
-        state = state._replace(**{k: saved[k] for k in STAGE_KEYS})
-        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], last + 1
+    def refine(state, key, stage):  # lines 14-18, before `stage`
+        key, k_refine = runs.split(key)
+        state, metrics = refine_decoder(state, k_refine, collect, fit, evaluate, runs)
+        runs.log_refinement(step, stage, metrics)
+        stage_rows[-1]["refined_prior_return"] = metrics["refine/prior_latent_return"]
+        return state, key
 
-    start = time.time()
-    try:
-        for stage in range(first_stage, len(args.stage_steps)):  # Algorithm 1, line 4
-            if not (inside and stage == first_stage):  # (a resumed stage has its encoder and decoder)
-                if stage > 0 and args.frozen_decoder is None:  # phase 2 of the previous stage, lines 14-18
-                    key, k_refine = runs.split(key)
-                    state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
-                        state, collect, fit, evaluate, k_refine, stage, step, runs)
+    state, key = init(runs.keys())  # line 2
+    step, stage_rows, first_stage, under_way = 0, [], 0, False
+    if args.frozen_decoder:
+        print(f"decoder frozen from {args.frozen_decoder}; no refinement in this run")
+    if args.resume and (resumed := runs.resume_stages(state, STAGE_KEYS, RESUME_KEYS)):
+        state, step, key, stage_rows, first_stage, under_way = resumed
+    with runs:  # closes the run folders; Ctrl-C says how to resume
+        if 0 < first_stage < num_stages and not under_way and not args.frozen_decoder:
+            state, key = refine(state, key, first_stage)  # the resumed run's pending refinement
+        for stage in range(first_stage, num_stages):  # line 4
+            if not (under_way and stage == first_stage):
                 key, k_encoder = runs.split(key)
-                state = runs.parallel(lambda state, key: start_stage(
-                    state, optimizer, obs_size, action_size, args, stage, key))(state, k_encoder)
-            end_step = sum(iterations_in_stage(args, m) for m in range(stage + 1)) * per_iter
-            print(f"stage {stage}: latent PPO from step {step:,} to {end_step:,}")
-            state, key, step, stage_return = common.run_iterations(  # lines 9-13: latent PPO
-                runs, train_iteration, state, key, step=step, end_step=end_step, steps_per_iteration=per_iter,
-                total_steps=total_steps, eval_every=args.eval_every, evaluate=lambda s, k: evaluate(s, k, False),
-                stage=stage, on_eval=lambda s, at, k: at < end_step and save_inside_stage(runs, s, stage, at, k, stage_rows),
-            )
-            stage_rows.append({"stage": stage, "step": step, "return": stage_return})
-            save_stage(runs, state, stage, step, key, stage_rows)
-    except KeyboardInterrupt:
-        print(f"interrupted; resume from the last evaluation with: python gorl_fm.py --resume {runs.dir}")
-        raise
-    finally:
-        runs.close()
-    print(f"done: {step:,} steps in {time.time() - start:.0f}s")
-    runs.write_stage_table(stage_rows)
-    for run in runs.runs:
-        print(f"run folder: {run.dir}")
+                state = new_encoder(state, k_encoder, stage_hyperparameters(args, stage))  # lines 6-7
+            print(f"stage {stage}: latent PPO from step {step:,} to {stage_end[stage]:,}")
+            while step + per_iter <= stage_end[stage]:  # lines 9-13: latent PPO, the decoder frozen
+                key, k_iter, k_eval = runs.split(key, 3)
+                state, metrics = train_iteration(state, k_iter)
+                step += per_iter
+                evaluating = running.evaluation_due(step, per_iter, stage_end[stage], args.eval_every)
+                if evaluating:
+                    metrics.update(jax.device_get(evaluate(state, k_eval, False)))
+                runs.log_iteration(step, metrics, stage)
+                if evaluating and step + per_iter <= stage_end[stage]:  # (the row before the checkpoint)
+                    runs.save_inside_stage(state, RESUME_KEYS, stage, step, key, stage_rows)
+            stage_rows.append({"stage": stage, "step": step, "return": metrics["eval/return"]})
+            runs.save_stage(state, STAGE_KEYS, stage, step, key, stage_rows)
+            if stage + 1 < num_stages and not args.frozen_decoder:
+                state, key = refine(state, key, stage + 1)
+    runs.finish(step, stage_rows=stage_rows)
 
 
 if __name__ == "__main__":

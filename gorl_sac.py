@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,24 +39,13 @@ import tyro
 from brax import envs as brax_envs
 
 import common
+import running
 
 
 @dataclasses.dataclass
-class Args:
+class Args(running.RunFlags):
     env_name: str = "Hopper"
     """task: Hopper, Walker2d, HalfCheetah (Brax MJX ports of the paper's Gym tasks) or a DMC task"""
-    seed: int = 1
-    """random seed"""
-    num_seeds: int = 1
-    """seeds trained side by side in this process: seed, seed+1, ..., each with its own run folder"""
-    distributed: bool = False
-    """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
-    impl: str = "jax"
-    """physics backend of DMC tasks: jax (MJX) or warp (MuJoCo Warp); the Gym tasks are MJX only"""
-    episode_length: int | None = None
-    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
-    matmul_precision: str | None = None
-    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
     stage_steps: tuple[int, ...] = (2_000_000, 1_000_000, 1_000_000)
     """environment steps of latent SAC in each stage (stage 0 uses the identity decoder)"""
     plain_sac: bool = False
@@ -100,11 +89,11 @@ class Args:
     """noise-prediction network hidden layer widths (SiLU)"""
     diffusion_steps: int = 10
     """T: steps of the noise schedule, all of them taken by the DDIM sampler from x_T = z"""
-    noise_schedule: str = "cosine"
+    noise_schedule: Literal["linear", "cosine"] = "cosine"
     """alpha_bar_t over t = 0..T: cosine (Nichol & Dhariwal, Appendix C.1) or linear (1 down to 1e-3)"""
     denoised_clip: float | None = None
     """DDIM clips its clean-action estimate x_0 to [-c, c] (pre-squash); None: no clipping"""
-    decoder_output: str = "eps"
+    decoder_output: Literal["x0", "eps"] = "eps"
     """units of the network's learned output inside eps_phi: eps (noise units, Appendix C.1) or x0
     (clean action units, see gorl_diffusion.py)"""
     refine_envs: int = 64
@@ -122,18 +111,6 @@ class Args:
     """evaluate every this many environment steps (global step axis across stages)"""
     num_eval_envs: int = 128
     """environments in one evaluation (one full episode each, deterministic policy)"""
-    runs_dir: str = "runs"
-    """where run folders are created"""
-    exp_name: str | None = None
-    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: gorl_sac, or sac_plain with --plain-sac)"""
-    track: bool = False
-    """mirror config.json and metrics.csv to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no account)"""
-    wandb_project: str = "gorl"
-    """Weights & Biases project, with --track"""
-    wandb_entity: str | None = None
-    """Weights & Biases entity (user or team), with --track; None: your default entity"""
-    resume: str | None = None
-    """run folder to resume from its last completed stage (its config.json replaces the other flags)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +125,9 @@ GYM_TASKS = {"Hopper": "hopper", "Walker2d": "walker2d", "HalfCheetah": "halfche
 
 
 def env_name_check(name: str) -> tuple[bool, str]:
-    names = (*GYM_TASKS, *common.dmc_env_names())
+    names = (*GYM_TASKS, *running.dmc_env_names())
     return name in names, (f"unknown task {name!r}; valid tasks are the Gym locomotion tasks "
-                           f"{', '.join(GYM_TASKS)} and the DMC tasks: {', '.join(common.dmc_env_names())}")
+                           f"{', '.join(GYM_TASKS)} and the DMC tasks: {', '.join(running.dmc_env_names())}")
 
 
 def make_env(args: Args):
@@ -166,7 +143,7 @@ def make_env(args: Args):
     ok, message = env_name_check(args.env_name)
     if not ok:
         sys.exit(f"error: {message}")
-    return common.load_playground_env(args.env_name, args.impl)
+    return running.load_playground_env(args.env_name, args.impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,14 +174,15 @@ def refine_dataset_size(args: Args) -> int:
     return args.refine_envs * args.refine_iterations * (args.episode_length or common.EPISODE_LENGTH)
 
 
-# The task-dependent flags (None in Args) on a task that common.TASK_SETTINGS and
-# common.PROFILES do not mention.
+# The task-dependent flags (None in Args) on a task that sets nothing; running.TASK_SETTINGS has
+# the values every method takes per task, and this method sets none of its own.
 TASK_DEFAULTS = {"matmul_precision": "default"}
+TASK_SETTINGS: dict[str, dict] = {}
 
 
 def resolve(args: Args) -> Args:
     """`args` with every task-dependent flag left at None set to the task's value."""
-    return common.resolve_task_settings(args, "gorl_sac", TASK_DEFAULTS)
+    return running.resolve_task_settings(args, TASK_SETTINGS, TASK_DEFAULTS)
 
 
 def validate(args: Args) -> None:
@@ -213,11 +191,11 @@ def validate(args: Args) -> None:
     args = resolve(args)
     per_chunk = steps_per_chunk(args)
     updates = args.utd_ratio * args.num_envs
-    common.check_args([
-        *common.seed_checks(args),
+    running.check_args([
+        *running.choice_checks(args),
+        *running.seed_checks(args),
         (args.episode_length is None or args.episode_length > 0,
          f"--episode-length must be positive, got {args.episode_length}"),
-        (args.impl in common.IMPLS, f"--impl must be one of {common.IMPLS}, got {args.impl!r}"),
         (args.impl == "jax" or args.env_name not in GYM_TASKS,
          f"--impl {args.impl} applies to DMC tasks only; {args.env_name} runs on Brax's MJX backend"),
         (min(args.num_envs, args.chunk_length, args.batch_size) > 0,
@@ -241,8 +219,6 @@ def validate(args: Args) -> None:
          "--refine-envs, --refine-iterations, --refine-epochs and --diffusion-steps must be positive"),
         (args.denoised_clip is None or args.denoised_clip > 0,
          f"--denoised-clip must be positive (or None for no clipping), got {args.denoised_clip}"),
-        (args.decoder_output in ("eps", "x0"), f"--decoder-output must be eps or x0, got {args.decoder_output!r}"),
-        (args.noise_schedule in ("linear", "cosine"), f"--noise-schedule must be linear or cosine, got {args.noise_schedule!r}"),
         (0 < args.refine_batch_size <= refine_dataset_size(args),
          f"--refine-batch-size {args.refine_batch_size} must be in [1, the refinement dataset size "
          f"{refine_dataset_size(args):,} = refine_envs * refine_iterations * episode length]"),
@@ -771,31 +747,26 @@ def make_evaluate(env, args: Args):
     return lambda state, key, prior_latents=False: evaluate_jit(state, key, jnp.asarray(prior_latents))
 
 
-def refine_decoder(state, collect, fit, evaluate, key, stage: int, step: int, runs, args: Args):
-    """Between stage m-1 and stage m (Algorithm 1, lines 14-18): freeze the encoder, collect
+def refine_decoder(state, key, collect, fit, evaluate, runs, args: Args):
+    """Algorithm 1, lines 14-18, between stage m-1 and stage m: freeze the encoder, collect
     fresh rollouts with it and the current decoder, fit the decoder to map the prior onto those
     actions (Eq. 4), and check it: the return of the refined decoder under the prior's mean.
-    Every seed at once (`collect`, `fit` and `evaluate` map over the seed axis)."""
+    Every seed at once (`collect`, `fit` and `evaluate` map over the seed axis). Returns the
+    state with the new decoder and the refinement's metrics."""
     k_collect, k_fit, k_eval = runs.split(key, 3)
     t0 = time.time()
     dataset, collect_return = collect(state, k_collect)
     # The decoder keeps the normalizer it was fitted with: it is a fixed function of the raw
     # state for the whole next stage, while the encoder's statistics move on.
     decoder, metrics = fit(state.decoder, state.norm, dataset, k_fit)
-    metrics = jax.device_get(metrics)
-    common.check_finite(metrics, f"decoder refinement before stage {stage}, step {step:,}")
     state = state._replace(decoder=decoder, decoder_norm=jax.tree.map(jnp.copy, state.norm))
-    refined_return = jax.device_get(evaluate(state, k_eval, True)["eval/return"])
-    metrics.update({"refine/collect_return": jax.device_get(collect_return),
-                    "refine/prior_latent_return": refined_return,
-                    "refine/transitions": refine_dataset_size(args), "refine/seconds": time.time() - t0})
-    runs.log(step, metrics)
-    print(f"refined decoder before stage {stage}: denoising loss {common.over_seeds(metrics['refine/loss_final'], '.4f')}, "
-          f"eval return with prior latents {common.over_seeds(refined_return)} ({metrics['refine/seconds']:.0f}s)")
-    return state, refined_return
+    metrics = {**jax.device_get(metrics), "refine/collect_return": jax.device_get(collect_return),
+               "refine/prior_latent_return": jax.device_get(evaluate(state, k_eval, True)["eval/return"]),
+               "refine/transitions": refine_dataset_size(args), "refine/seconds": time.time() - t0}
+    return state, metrics
 
 
-def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, key):
+def start_stage(state, key, optimizer, obs_size: int, action_size: int, args: Args):
     """Algorithm 1, lines 6-7: a fresh SAC learner in the new latent MDP, the decoder frozen.
 
     The refined decoder changed what every latent means: a stored (s, z, r, s') was produced by
@@ -825,23 +796,10 @@ def start_stage(state, optimizer, obs_size: int, action_size: int, args: Args, k
     return state._replace(params=params, opt_state=opt_state, buffer=replay_init(args.buffer_size, example))
 
 
-def save_stage(runs, state, stage: int, step: int, key, stage_rows: list) -> None:
-    """Stage m's encoder and critics, the normalizer and the decoder they ran with, in each
-    seed's folder. The buffer is not saved: the next stage starts with an empty one. Resuming
-    after stage m repeats only the refinement, from the same key."""
-    checkpoint = {k: getattr(state, k) for k in STAGE_KEYS}
-    runs.save(f"stage{stage}.npz", {**checkpoint, "step": step, "key": key, "stage_rows": stage_rows})
-
-
 def main(args: Args, env=None) -> None:
     """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
     `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
-    if args.resume:
-        args = common.args_from_run(Args, args.resume, resume=args.resume)
-    args = resolve(args)  # config.json records the resolved values
-    validate(args)
-    common.start_runtime(args)
-
+    args = running.start(args, Args, resolve, validate)  # --resume's flags, the task's values, checked
     env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
     args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
     if isinstance(env.observation_size, dict):
@@ -851,9 +809,9 @@ def main(args: Args, env=None) -> None:
     obs_size, action_size = env.observation_size, env.action_size
     target_entropy = -float(action_size) if args.target_entropy is None else args.target_entropy
     optimizer = optax.adam(args.learning_rate)
-    runs = common.Runs(args, "gorl_sac", default_exp_name="sac_plain" if args.plain_sac else None)
     budgets, per_chunk = stage_budgets(args), steps_per_chunk(args)
     total_steps = sum(chunks_in_stage(args, m) for m in range(len(budgets))) * per_chunk
+    runs = running.Runs(args, "gorl_sac", total_steps=total_steps, default_exp_name="sac_plain" if args.plain_sac else None)
 
     def init(key):
         key, k_decoder, k_env = jax.random.split(key, 3)
@@ -862,50 +820,49 @@ def main(args: Args, env=None) -> None:
                            env_state=env.reset(jax.random.split(k_env, args.num_envs)))
         return state, key
 
-    # Every seed at once: each function below maps one seed's state over the leading seed axis.
-    state, key = runs.parallel(init)(runs.keys())
-    train_chunk = runs.parallel(make_train_chunk(env, optimizer, target_entropy, args), donate_argnums=0)
+    # Every function below is one seed's, mapped over the leading seed axis of all seeds' states.
+    init = runs.parallel(init)
+    new_learner = runs.parallel(lambda state, key: start_stage(state, key, optimizer, obs_size, action_size, args))
+    train_chunk = runs.timed(runs.parallel(make_train_chunk(env, optimizer, target_entropy, args), donate_argnums=0),
+                             per_chunk)
     collect, fit = (runs.parallel(f) for f in make_refinement(env, args))
     evaluate = runs.parallel(make_evaluate(env, args), in_axes=(0, 0, None))  # (state, key, prior_latents)
 
-    step, first_stage, stage_rows = 0, 0, []
-    resumed = runs.resume_last_stage() if args.resume else None
-    if resumed:
-        last, saved = resumed
-        state = state._replace(**{k: saved[k] for k in STAGE_KEYS})
-        step, key, stage_rows, first_stage = saved["step"], saved["key"], saved["stage_rows"], last + 1
+    def refine(state, key, stage):  # lines 14-18, before `stage`
+        key, k_refine = runs.split(key)
+        state, metrics = refine_decoder(state, k_refine, collect, fit, evaluate, runs, args)
+        runs.log_refinement(step, stage, metrics)
+        stage_rows[-1]["refined_prior_return"] = metrics["refine/prior_latent_return"]
+        return state, key
+
+    state, key = init(runs.keys())  # line 2
+    step, stage_rows, first_stage = 0, [], 0
+    if args.resume and (resumed := runs.resume_stages(state, STAGE_KEYS)):  # after the last completed stage
+        state, step, key, stage_rows, first_stage, _ = resumed
 
     print(f"{args.env_name}: {'plain Gaussian SAC' if args.plain_sac else 'GoRL-SAC'}, stages "
           f"{[f'{chunks_in_stage(args, m) * per_chunk:,}' for m in range(len(budgets))]} steps, "
           f"{updates_per_env_step(args)} gradient steps per step of {args.num_envs} environments")
-    start = time.time()
-    try:
-        for stage in range(first_stage, len(budgets)):  # Algorithm 1, line 4
-            if stage > 0:  # phase 2 of the previous stage
-                key, k_refine = runs.split(key)
-                state, stage_rows[-1]["refined_prior_return"] = refine_decoder(
-                    state, collect, fit, evaluate, k_refine, stage, step, runs, args)
+    with runs:  # closes the run folders; Ctrl-C says how to resume
+        if 0 < first_stage < len(budgets):
+            state, key = refine(state, key, first_stage)  # the resumed run's pending refinement
+        for stage in range(first_stage, len(budgets)):  # line 4
             key, k_sac = runs.split(key)
-            state = runs.parallel(
-                lambda state, key: start_stage(state, optimizer, obs_size, action_size, args, key))(state, k_sac)
+            state = new_learner(state, k_sac)  # lines 6-7
             end_step = step + chunks_in_stage(args, stage) * per_chunk
             print(f"stage {stage}: latent SAC from step {step:,} to {end_step:,}")
-            state, key, step, stage_return = common.run_iterations(  # lines 9-13: latent SAC
-                runs, train_chunk, state, key, step=step, end_step=end_step, steps_per_iteration=per_chunk,
-                total_steps=total_steps, eval_every=args.eval_every, evaluate=lambda s, k: evaluate(s, k, False),
-                stage=stage,
-            )
-            stage_rows.append({"stage": stage, "step": step, "return": stage_return})
-            save_stage(runs, state, stage, step, key, stage_rows)
-    except KeyboardInterrupt:
-        print(f"interrupted; resume from the last completed stage with: python gorl_sac.py --resume {runs.dir}")
-        raise
-    finally:
-        runs.close()
-    print(f"done: {step:,} steps in {time.time() - start:.0f}s")
-    runs.write_stage_table(stage_rows)
-    for run in runs.runs:
-        print(f"run folder: {run.dir}")
+            while step + per_chunk <= end_step:  # lines 9-13: latent SAC, the decoder frozen
+                key, k_chunk, k_eval = runs.split(key, 3)
+                state, metrics = train_chunk(state, k_chunk)
+                step += per_chunk
+                if running.evaluation_due(step, per_chunk, end_step, args.eval_every):
+                    metrics.update(jax.device_get(evaluate(state, k_eval, False)))
+                runs.log_iteration(step, metrics, stage)
+            stage_rows.append({"stage": stage, "step": step, "return": metrics["eval/return"]})
+            runs.save_stage(state, STAGE_KEYS, stage, step, key, stage_rows)  # (not the buffer: each stage empties it)
+            if stage + 1 < len(budgets):
+                state, key = refine(state, key, stage + 1)
+    runs.finish(step, stage_rows=stage_rows)
 
 
 if __name__ == "__main__":

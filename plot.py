@@ -258,6 +258,7 @@ def load_policy(run_dir: str, stage: int | None):
     import jax.numpy as jnp
 
     import common
+    import running
 
     config = run_config(run_dir)
     algo = config.get("algo")
@@ -269,7 +270,7 @@ def load_policy(run_dir: str, stage: int | None):
     if algo == "ppo":
         import ppo
 
-        state = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
+        state = running.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
 
         def sample(obs, key, n, from_prior=False):
             obs = jnp.broadcast_to(obs, (n, obs.shape[-1]))
@@ -283,7 +284,7 @@ def load_policy(run_dir: str, stage: int | None):
     path = os.path.join(run_dir, "checkpoints", f"stage{stage}.npz")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} does not exist (completed stages are saved as stageK.npz)")
-    state = common.load_checkpoint(path)
+    state = running.load_checkpoint(path)
     params = list(inspect.signature(module.sample_actions).parameters)
     extra = {p: _config_value(config[p]) for p in params[4:] if p in config}
 
@@ -574,10 +575,10 @@ def video_from_run(path: str, out: str | None = None, stages: list[int] | None =
         select_gl_backend()
     import jax
 
-    import common
+    import running
 
     module = importlib.import_module(config["algo"])
-    args = common.args_from_run(module.Args, run_dir)
+    args = running.args_from_run(module.Args, run_dir)
     # The script's own make_env (gorl_sac's adds Brax's Gym tasks): the bare task, which renders.
     env = module.make_env(args)
     model = getattr(env, "sys", env).mj_model  # a Brax task keeps its MuJoCo model in env.sys
@@ -587,7 +588,7 @@ def video_from_run(path: str, out: str | None = None, stages: list[int] | None =
     keys = getattr(module, "STAGE_KEYS", ("params", "norm"))  # what the policy reads of a checkpoint
     clips, labels = [], []
     for label, checkpoint_path in checkpoints:
-        checkpoint = common.load_checkpoint(checkpoint_path)
+        checkpoint = running.load_checkpoint(checkpoint_path)
         states = jax.device_get(episode({k: checkpoint[k] for k in keys}, jax.random.PRNGKey(seed), episode_length))
         frames, episode_return = render_clip(env, states, height, width, camera)
         print(f"{label}: {len(frames) - 1} steps, return {episode_return:.1f}")

@@ -17,8 +17,7 @@ lambda-recursion at either, since the next row starts a new episode.
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,24 +25,11 @@ import optax
 import tyro
 
 import common
+import running
 
 
 @dataclasses.dataclass
-class Args:
-    env_name: str = "HopperStand"
-    """DMC task from MuJoCo Playground (e.g. CheetahRun, FingerSpin, HopperStand, WalkerWalk)"""
-    seed: int = 1
-    """random seed"""
-    num_seeds: int = 1
-    """seeds trained side by side in this process: seed, seed+1, ..., each with its own run folder"""
-    distributed: bool = False
-    """join JAX's multi-host runtime (jax.distributed.initialize); each process trains its own seeds"""
-    impl: str = "jax"
-    """physics backend: jax (MJX) or warp (MuJoCo Warp)"""
-    episode_length: int | None = None
-    """steps per episode, ended as a truncation (None: the environment's own, 1000 on DMC tasks)"""
-    matmul_precision: str | None = None
-    """float32 matmuls on a GPU: default (TF32 on recent NVIDIA GPUs), high or highest; None: the task's (humanoids: highest)"""
+class Args(running.RunFlags):
     total_timesteps: int = 180_000_000
     """environment steps to train for"""
     num_envs: int = 2048
@@ -72,15 +58,15 @@ class Args:
     """value loss coefficient: the loss is vf_coef * mean((V - target)^2)"""
     ent_coef: float = 0.01
     """entropy bonus coefficient"""
-    entropy: str = "tanh"
+    entropy: Literal["tanh", "gaussian"] = "tanh"
     """entropy estimate: tanh (Brax's, of the squashed action, one sample per state) or gaussian (pre-squash, closed form)"""
-    normalizer_update: str = "after"
+    normalizer_update: Literal["after", "before"] = "after"
     """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
-    advantages: str = "rollout"
+    advantages: Literal["rollout", "minibatch"] = "rollout"
     """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
-    minibatch_unit: str = "transition"
+    minibatch_unit: Literal["transition", "sequence"] = "transition"
     """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
-    gae_form: str = "standard"
+    gae_form: Literal["standard", "release"] = "standard"
     """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
@@ -94,18 +80,6 @@ class Args:
     """environments in one evaluation (one full episode each)"""
     deterministic_eval: bool | None = None
     """evaluate the mean action, else sample it (None: the task's value, True; False on humanoids)"""
-    runs_dir: str = "runs"
-    """where run folders are created"""
-    exp_name: str | None = None
-    """name of the experiment, in the run folder <env>__<exp_name>__<seed>__<time> (None: ppo)"""
-    track: bool = False
-    """mirror config.json and metrics.csv to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no account)"""
-    wandb_project: str = "gorl"
-    """Weights & Biases project, with --track"""
-    wandb_entity: str | None = None
-    """Weights & Biases entity (user or team), with --track; None: your default entity"""
-    resume: str | None = None
-    """run folder to resume from its last checkpoint (its config.json replaces the other flags)"""
 
 
 def make_env(args: Args):
@@ -113,20 +87,21 @@ def make_env(args: Args):
     Playground task `args.env_name`. To train on your own task, return your environment here (a
     Playground `MjxEnv` or a Brax `Env`), or pass it to `main(args, env)` (README, "Your own
     environment")."""
-    return common.load_playground_env(args.env_name, args.impl)
+    return running.load_playground_env(args.env_name, args.impl)
 
 
 # The task-dependent flags (None in Args) on a task that sets nothing, as the newest release's
-# configs/methods/ppo.toml (dm_control profile) has them; common.TASK_SETTINGS and the humanoid
-# profile override them per task (see common.resolve_task_settings).
+# configs/methods/ppo.toml (dm_control profile) has them; then its humanoid profile.
+# running.TASK_SETTINGS has the values every method takes per task (discounts, precision).
 TASK_DEFAULTS = {"matmul_precision": "default", "learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0,
                  "deterministic_eval": True}
-ENTROPY_ESTIMATES = ("tanh", "gaussian")
+HUMANOID = {"learning_rate": 1e-3, "clip_eps": 0.3, "max_grad_norm": 0.0, "deterministic_eval": False}
+TASK_SETTINGS = {"HumanoidStand": HUMANOID, "HumanoidRun": HUMANOID}
 
 
 def resolve(args: Args) -> Args:
     """`args` with every task-dependent flag left at None set to the task's value."""
-    return common.resolve_task_settings(args, "ppo", TASK_DEFAULTS)
+    return running.resolve_task_settings(args, TASK_SETTINGS, TASK_DEFAULTS)
 
 
 def steps_per_iteration(args: Args) -> int:
@@ -137,16 +112,14 @@ def validate(args: Args) -> None:
     """Reject bad flag values before anything is compiled (task-dependent flags left at None
     are checked at the task's value)."""
     args = resolve(args)
-    common.check_args([
-        *common.ppo_layout_checks(args),
-        *common.seed_checks(args),
+    running.check_args([
+        *running.ppo_layout_checks(args),
+        *running.seed_checks(args),
         (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
         (args.clip_eps > 0, f"--clip-eps must be positive, got {args.clip_eps}"),
         (0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}"),
         (not args.max_grad_norm or args.max_grad_norm > 0,
          f"--max-grad-norm must be positive, or 0 for no clipping, got {args.max_grad_norm}"),
-        (args.entropy in ENTROPY_ESTIMATES, f"--entropy must be one of {ENTROPY_ESTIMATES}, got {args.entropy!r}"),
-        *common.ppo_update_checks(args),
         (args.total_timesteps >= steps_per_iteration(args),
          f"--total-timesteps {args.total_timesteps:,} is less than one iteration "
          f"({steps_per_iteration(args):,} steps = batch_size * num_minibatches * unroll_length)"),
@@ -291,19 +264,15 @@ def act(params, norm, obs, key, deterministic: bool):
 def main(args: Args, env=None) -> None:
     """Train on the task `args.env_name`, or on `env`, your own environment object (a Playground
     `MjxEnv` or a Brax `Env`; `args.env_name` then only names the run folder)."""
-    if args.resume:
-        args = common.args_from_run(Args, args.resume, resume=args.resume)
-    args = resolve(args)  # config.json records the resolved values
-    validate(args)
-    common.start_runtime(args)
-
+    args = running.start(args, Args, resolve, validate)  # --resume's flags, the task's values, checked
     env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
     args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
     optimizer = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
         optax.adam(args.learning_rate),
     )
-    runs = common.Runs(args, "ppo")  # a run folder per seed
+    per_iter = steps_per_iteration(args)
+    runs = running.Runs(args, "ppo", total_steps=args.total_timesteps)  # a run folder per seed
 
     def init(key):
         key, k_init, k_env = jax.random.split(key, 3)
@@ -316,10 +285,12 @@ def main(args: Args, env=None) -> None:
     def evaluate(state, key):
         return evaluator(lambda obs, key: act(state.params, state.norm, obs, key, args.deterministic_eval), key)
 
-    # Every seed at once: each function below maps one seed's state over the leading seed axis.
-    state, key = runs.parallel(init)(runs.keys())
-    train_iteration = runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0)
+    # Every function below is one seed's, mapped over the leading seed axis of all seeds' states.
+    init = runs.parallel(init)
+    train_iteration = runs.timed(runs.parallel(make_train_iteration(env, optimizer, args), donate_argnums=0), per_iter)
     evaluate = runs.parallel(evaluate)
+
+    state, key = init(runs.keys())
 
     step = 0
     if args.resume:
@@ -331,22 +302,20 @@ def main(args: Args, env=None) -> None:
         runs.save("latest.npz", {
             "params": state.params, "opt_state": state.opt_state, "norm": state.norm, "step": step, "key": key})
 
-    start = time.time()
-    try:
-        state, key, step, final_return = common.run_iterations(
-            runs, train_iteration, state, key,
-            step=step, end_step=args.total_timesteps, steps_per_iteration=steps_per_iteration(args),
-            total_steps=args.total_timesteps, eval_every=args.eval_every, evaluate=evaluate,
-            on_eval=save,
-        )
-    except KeyboardInterrupt:
-        print(f"interrupted; resume with: python ppo.py --resume {runs.dir}")
-        raise
-    finally:
-        runs.close()
-    print(f"done: {step:,} steps in {time.time() - start:.0f}s, final evaluation return {common.over_seeds(final_return)}")
-    for run in runs.runs:
-        print(f"run folder: {run.dir}")
+    final_return = float("nan")
+    with runs:  # closes the run folders; Ctrl-C says how to resume
+        while step + per_iter <= args.total_timesteps:
+            key, k_iter, k_eval = runs.split(key, 3)
+            state, metrics = train_iteration(state, k_iter)
+            step += per_iter
+            evaluating = running.evaluation_due(step, per_iter, args.total_timesteps, args.eval_every)
+            if evaluating:
+                metrics.update(jax.device_get(evaluate(state, k_eval)))
+                final_return = metrics["eval/return"]
+            runs.log_iteration(step, metrics)
+            if evaluating:  # (the row before the checkpoint: none lost or repeated)
+                save(state, step, key)
+    runs.finish(step, final_return=final_return)
 
 
 if __name__ == "__main__":

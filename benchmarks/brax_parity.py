@@ -65,6 +65,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import common  # noqa: E402
+import running  # noqa: E402
 import ppo  # noqa: E402
 
 # Every ppo.py row is "ppo" with one difference from Brax removed (or put back); "release-update"
@@ -137,7 +138,7 @@ def per_iteration(args: Args) -> int:
 
 def validate(args: Args) -> None:
     n = args.total_steps // per_iteration(args)
-    common.check_args([
+    running.check_args([
         *[(r in ROWS, f"unknown row {r!r}; rows are {', '.join(ROWS)}") for r in args.rows],
         (n > 0 and n % EVAL_EVERY_ITERATIONS == 0 and args.total_steps == n * per_iteration(args),
          f"--total-steps {args.total_steps:,} must be a multiple of {EVAL_EVERY_ITERATIONS} iterations "
@@ -152,7 +153,7 @@ def result_path(args: Args, row: str, seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# ppo.py rows: the pieces its main() builds, driven by the host loop of common.run_iterations
+# ppo.py rows: the pieces its main() builds, driven by the host loop of ppo.py's main()
 # ---------------------------------------------------------------------------------------------
 
 
@@ -189,7 +190,7 @@ def run_ppo(args: Args, row: str, seed: int) -> dict:
         state, metrics = compiled(state, k_iter)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         iteration_seconds.append(time.perf_counter() - t0)
-        common.check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"iteration {i}")
+        running.check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"iteration {i}")
         train_returns.append(metrics["train/episode_return"])
         if i % eval_every == 0:
             ret = float(evaluate(state, k_eval)["eval/return"])

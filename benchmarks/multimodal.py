@@ -134,7 +134,7 @@ def build_gorl(ns, env) -> dict:
         **shared_sizes(ns), env_name="CartpoleBalance", stage_steps=tuple(ns.stage_steps),
         refine_envs=ns.refine_envs, refine_episodes=ns.refine_envs, refine_batch_size=ns.refine_batch_size,
         refine_steps=ns.refine_steps, refine_val_size=8192))
-    optimizer = optax.adam(args.learning_rate)
+    optimizer = optax.scale_by_adam()  # gorl_fm.main's: the stage's learning rate scales the steps
     collect, fit = gorl_fm.make_refinement(env, args)
     return {"args": args, "optimizer": optimizer, "collect": collect, "fit": fit,
             "train_iteration": jax.jit(gorl_fm.make_train_iteration(env, optimizer, args), donate_argnums=0)}
@@ -145,12 +145,8 @@ def train_gorl(ns, seed: int, env, built: dict):
     the samples, and the rows of the decoder fed prior latents."""
     args, optimizer, collect, fit = built["args"], built["optimizer"], built["collect"], built["fit"]
     train_iteration = built["train_iteration"]
-    obs_size, action_size = env.observation_size, env.action_size
     per_iter = gorl_fm.steps_per_iteration(args)
-    key = jax.random.PRNGKey(seed)
-    key, k_critic, k_decoder, k_env = jax.random.split(key, 4)
-    state = gorl_fm.init_state(obs_size, action_size, args, k_critic, k_decoder)
-    state = state._replace(env_state=jax.jit(env.reset)(jax.random.split(k_env, args.num_envs)))
+    state, key = jax.jit(lambda key: gorl_fm.init_state(env, args, key))(jax.random.PRNGKey(seed))
     step, rows, samples, prior_rows = 0, [], {}, []
     for stage in range(len(args.stage_steps)):
         if stage > 0:
@@ -159,7 +155,7 @@ def train_gorl(ns, seed: int, env, built: dict):
             decoder, decoder_norm, _ = fit(state.decoder, dataset, k_fit)
             state = state._replace(decoder=decoder, decoder_norm=decoder_norm)
         key, k_encoder = jax.random.split(key)
-        state = gorl_fm.start_stage(state, optimizer, obs_size, action_size, args, stage, k_encoder)
+        state = gorl_fm.start_stage(state, k_encoder, gorl_fm.stage_hyperparameters(args, stage), optimizer, env, args)
         for _ in range(gorl_fm.iterations_in_stage(args, stage)):
             key, k_iter = jax.random.split(key)
             state, _ = train_iteration(state, k_iter)

@@ -6,7 +6,7 @@ On one task and one number of environments, in one process, this measures
       (and, for reference, the same task behind playground's `wrap_for_brax_training`, the
       wrapper stack Brax PPO uses);
   (b) ppo.py: the pieces its `main()` builds (environment, optimizer, parameters, the jitted
-      `make_train_iteration`), driven by the same host loop as `common.run_iterations` (one
+      `make_train_iteration`), driven by the same host loop as ppo.py's main() (one
       jitted iteration per call, metrics fetched to the host after each), plus its
       deterministic evaluation return at the end of the budget;
   (c) Brax PPO (`brax.training.agents.ppo.train`) on the same playground task (`impl="jax"`)
@@ -59,7 +59,7 @@ GPU, the paper's setting (2048 environments, 32 x 1024 sequences of 30 steps, 16
         --num-evals 5 --raw-steps 1000
 
 (d) Seeds in one process (--seeds-axis 1 2 4, --two-devices; --only-seeds skips (a)-(c)): ppo.py's
-iteration for N seeds as `ppo.py --num-seeds N` builds it (common.Runs: vmapped over a leading
+iteration for N seeds as `ppo.py --num-seeds N` builds it (running.Runs: vmapped over a leading
 seed axis, sharded over the local devices), total training steps/s of all seeds. On a CPU
 --two-devices runs in a subprocess with 2 forced CPU devices (the same cores, split in two):
 
@@ -116,6 +116,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import common  # noqa: E402
+import running  # noqa: E402
 import ppo  # noqa: E402
 
 
@@ -189,7 +190,7 @@ def iterations(args: Args) -> tuple[int, int]:
 def validate(args: Args) -> None:
     ppo.validate(ppo_args(args))
     n, _ = iterations(args)
-    common.check_args([
+    running.check_args([
         (args.num_evals >= 5, "--num-evals must be >= 5 (initial evaluation, two compiling Brax epochs, "
                               "two timed ones)"),
         (n > 0, f"--total-timesteps {args.total_timesteps:,} is less than num_evals - 1 = "
@@ -277,7 +278,7 @@ def bench_ppo(args: Args) -> dict:
         params, _, norm, _ = state
         return evaluator(lambda obs, key: ppo.actor(params["actor"], common.normalize(norm, obs))[0], key)
 
-    # The host loop of common.run_iterations, without the evaluations and logging.
+    # The host loop of ppo.py's main(), without the evaluations and logging.
     iteration_seconds = []
     train_return = math.nan
     for _ in range(n_iter):
@@ -311,7 +312,7 @@ def bench_ppo(args: Args) -> dict:
 
 def bench_seeds(args: Args, num_seeds: int) -> dict:
     """ppo.py's iteration for `num_seeds` seeds in one process, as its main() builds it with
-    --num-seeds (common.Runs: vmapped over the seed axis, sharded over the visible devices),
+    --num-seeds (running.Runs: vmapped over the seed axis, sharded over the visible devices),
     after an AOT compile; the same host loop as (b). Total steps/s of all seeds."""
     import tempfile
 
@@ -322,7 +323,7 @@ def bench_seeds(args: Args, num_seeds: int) -> dict:
         optax.clip_by_global_norm(pargs.max_grad_norm) if pargs.max_grad_norm else optax.identity(),
         optax.adam(pargs.learning_rate),
     )
-    runs = common.Runs(pargs, "ppo")
+    runs = running.Runs(pargs, "ppo")
 
     def init(key):  # ppo.main's
         key, k_init, k_env = jax.random.split(key, 3)

@@ -4,7 +4,7 @@ A unit mass on a rail, pushed by one motor, must come to rest at x = 0 from a ra
 [-1, 1]; leaving [-2, 2] ends the episode early (a termination). Episodes last at most 200
 steps of 0.04 s. Everything an algorithm file needs from an environment is here: `reset`,
 `step`, `State` (obs, reward, done, metrics, info), actions in [-1, 1], and the config's
-`episode_length`. Next to gorl_fm.py, common.py and requirements.txt:
+`episode_length`. Next to gorl_fm.py, common.py, running.py and requirements.txt:
 
     python double_integrator.py                      # GoRL-FM, about a minute on a CPU
     python double_integrator.py --algo ppo           # or ppo, gorl_diffusion, gorl_sac, fpo, dppo

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import common
+import running
 import gorl_fm
 from benchmarks.multimodal import TwoModeBandit
 
@@ -70,7 +71,7 @@ def test_refinement_fit_uses_the_flag(refine_latents):
 
 
 def test_kl_weight_reaches_the_loss_in_each_stage():
-    args = gorl_fm.resolve(gorl_fm.Args(**SMALL, stage0_kl_beta=0.03, kl_beta=0.2))
+    args = gorl_fm.resolve(gorl_fm.Args(**SMALL, kl_beta=(0.03, 0.2)))
     assert float(gorl_fm.stage_hyperparameters(args, 0)["kl_beta"]) == pytest.approx(0.03)
     for stage in (1, 2, 3):
         assert float(gorl_fm.stage_hyperparameters(args, stage)["kl_beta"]) == pytest.approx(0.2)
@@ -120,7 +121,7 @@ def staged_run(tmp_path, monkeypatch, name, **flags):
     gorl_fm.main(gorl_fm.Args(**TINY, runs_dir=runs_dir, **flags))
     monkeypatch.setattr(gorl_fm, "init_encoder", real_init)
     (run_dir,) = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
-    stages = [common.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{m}.npz")) for m in (0, 1)]
+    stages = [running.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{m}.npz")) for m in (0, 1)]
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     return run_dir, stages, len(calls), rows

@@ -21,6 +21,7 @@ from mujoco_playground import registry
 from scipy import stats
 
 import common
+import running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -394,14 +395,14 @@ KEY = jax.random.PRNGKey(42)
 
 
 def test_unknown_task_is_a_clear_error():
-    ok, message = common.env_name_check("NoSuchTask")
+    ok, message = running.env_name_check("NoSuchTask")
     assert not ok and "NoSuchTask" in message and "CartpoleBalance" in message and "HopperStand" in message
-    assert common.env_name_check(TASK)[0]
+    assert running.env_name_check(TASK)[0]
     with pytest.raises(SystemExit, match="NoSuchTask"):
         common.make_env("NoSuchTask")
     with pytest.raises(SystemExit, match="first problem[\\s\\S]*second problem"):
-        common.check_args([(False, "first problem"), (True, "fine"), (False, "second problem")])
-    common.check_args([(True, "fine")])
+        running.check_args([(False, "first problem"), (True, "fine"), (False, "second problem")])
+    running.check_args([(True, "fine")])
 
 
 @pytest.mark.slow
@@ -559,7 +560,7 @@ def read_csv(path):
 
 def test_run_folder_config_csv_tensorboard(tmp_path):
     t0 = time.time()
-    run = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
+    run = running.Run(FakeArgs(runs_dir=str(tmp_path)), "algo")
     assert os.path.dirname(run.dir) == str(tmp_path)
     assert os.path.basename(run.dir).startswith("CartpoleBalance__algo__7__")
     with open(os.path.join(run.dir, "config.json")) as f:
@@ -585,7 +586,7 @@ def test_run_folder_config_csv_tensorboard(tmp_path):
 
     # Reopening the folder (as --resume does) keeps config and rows; forget_after drops later rows.
     args_changed = FakeArgs(runs_dir=str(tmp_path), seed=8)
-    again = common.Run(args_changed, "algo", run_dir=run.dir)
+    again = running.Run(args_changed, "algo", run_dir=run.dir)
     with open(os.path.join(run.dir, "config.json")) as f:
         assert json.load(f)["seed"] == 7
     again.forget_after(20)
@@ -610,8 +611,8 @@ def test_run_folder_config_csv_tensorboard(tmp_path):
 
 def test_experiment_name_names_the_run_folder(tmp_path):
     """--exp-name wins over a script's ablation name, which wins over the algorithm's name."""
-    ablation = common.Run(FakeArgs(runs_dir=str(tmp_path)), "algo", default_exp_name="algo_frozen_decoder")
-    named = common.Run(FakeArgs(runs_dir=str(tmp_path), exp_name="sweep-lr3"), "algo", default_exp_name="algo_x")
+    ablation = running.Run(FakeArgs(runs_dir=str(tmp_path)), "algo", default_exp_name="algo_frozen_decoder")
+    named = running.Run(FakeArgs(runs_dir=str(tmp_path), exp_name="sweep-lr3"), "algo", default_exp_name="algo_x")
     for run, name in ((ablation, "algo_frozen_decoder"), (named, "sweep-lr3")):
         run.close()
         assert os.path.basename(run.dir).startswith(f"CartpoleBalance__{name}__7__")
@@ -619,7 +620,7 @@ def test_experiment_name_names_the_run_folder(tmp_path):
             config = json.load(f)
         assert (config["algo"], config["exp_name"]) == ("algo", name)
     with pytest.raises(SystemExit, match="exp-name"):
-        common.Run(FakeArgs(runs_dir=str(tmp_path), exp_name="a/b"), "algo")
+        running.Run(FakeArgs(runs_dir=str(tmp_path), exp_name="a/b"), "algo")
 
 
 @dataclasses.dataclass
@@ -632,26 +633,26 @@ class TrackedArgs(FakeArgs):
 def test_track_without_wandb_installed_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(SystemExit, match="pip install wandb"):
-        common.Run(TrackedArgs(runs_dir=str(tmp_path)), "algo")
+        running.Run(TrackedArgs(runs_dir=str(tmp_path)), "algo")
 
 
 def test_track_mirrors_metrics_to_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed (it is optional: pip install wandb)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = common.Run(TrackedArgs(runs_dir=str(tmp_path)), "algo")
+    run = running.Run(TrackedArgs(runs_dir=str(tmp_path)), "algo")
     run.log(10, {"loss/a": 1.5, "eval/return": 7.0})
     run.close()
     assert glob.glob(os.path.join(run.dir, "wandb", "offline-run-*", "*.wandb"))
 
 
 def test_args_from_run(tmp_path):
-    run = common.Run(FakeArgs(runs_dir=str(tmp_path), seed=3), "algo")
+    run = running.Run(FakeArgs(runs_dir=str(tmp_path), seed=3), "algo")
     run.close()
-    args = common.args_from_run(FakeArgs, run.dir, env_name="Other")
+    args = running.args_from_run(FakeArgs, run.dir, env_name="Other")
     assert args == FakeArgs(env_name="Other", seed=3, runs_dir=str(tmp_path), hidden=(4, 4), exp_name="algo")
     with pytest.raises(SystemExit, match="not a run folder"):
-        common.args_from_run(FakeArgs, str(tmp_path / "missing"))
+        running.args_from_run(FakeArgs, str(tmp_path / "missing"))
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -662,9 +663,9 @@ def test_checkpoint_round_trip(tmp_path):
         "key": jax.random.PRNGKey(9),
     }
     path = str(tmp_path / "checkpoints" / "latest.npz")
-    common.save_checkpoint(path, tree)
+    running.save_checkpoint(path, tree)
     assert os.listdir(tmp_path / "checkpoints") == ["latest.npz"]  # no temporary file left
-    loaded = common.load_checkpoint(path)
+    loaded = running.load_checkpoint(path)
     assert jax.tree.structure(loaded) == jax.tree.structure(tree)
     assert isinstance(loaded["norm"], common.Normalizer)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree)):
@@ -672,8 +673,8 @@ def test_checkpoint_round_trip(tmp_path):
             assert isinstance(a, jax.Array) and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     assert int(loaded["step"]) == 1234
-    common.save_checkpoint(path, {"step": 1})  # overwrites
-    assert int(common.load_checkpoint(path)["step"]) == 1
+    running.save_checkpoint(path, {"step": 1})  # overwrites
+    assert int(running.load_checkpoint(path)["step"]) == 1
 
 
 def test_checkpoint_round_trips_optimizer_states_and_python_values_bit_for_bit(tmp_path):
@@ -685,8 +686,8 @@ def test_checkpoint_round_trips_optimizer_states_and_python_values_bit_for_bit(t
     tree = {"opt": opt_state, "injected": injected.init(params), "rows": [{"stage": 0, "return": float("nan")}],
             "flags": (True, None, "x"), "key": jax.random.PRNGKey(3), "step": 2**40}
     path = str(tmp_path / "c.npz")
-    common.save_checkpoint(path, tree)
-    loaded = common.load_checkpoint(path)
+    running.save_checkpoint(path, tree)
+    loaded = running.load_checkpoint(path)
     assert jax.tree.structure(loaded) == jax.tree.structure(tree)
     assert type(loaded["opt"][1][0]) is type(opt_state[1][0])  # optax's own state classes
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree)):
@@ -701,7 +702,7 @@ def test_a_damaged_or_foreign_checkpoint_is_a_clear_error_and_runs_no_code(tmp_p
     import pickle
 
     path = str(tmp_path / "c.npz")
-    common.save_checkpoint(path, {"w": jnp.arange(1000.0), "norm": common.normalizer_init(3)})
+    running.save_checkpoint(path, {"w": jnp.arange(1000.0), "norm": common.normalizer_init(3)})
     data = open(path, "rb").read()
     cases = {"truncated": data[: len(data) // 2], "empty": b"", "pickle": pickle.dumps({"w": 1})}
     # An altered structure naming a class outside the project and optax (what a pickle could run).
@@ -715,10 +716,10 @@ def test_a_damaged_or_foreign_checkpoint_is_a_clear_error_and_runs_no_code(tmp_p
         bad = tmp_path / f"{name}.npz"
         bad.write_bytes(content)
         with pytest.raises(SystemExit, match="is not a readable checkpoint") as exc:
-            common.load_checkpoint(str(bad))
+            running.load_checkpoint(str(bad))
         assert str(bad) in str(exc.value), name
     with pytest.raises(SystemExit, match="does not exist"):
-        common.load_checkpoint(str(tmp_path / "missing.npz"))
+        running.load_checkpoint(str(tmp_path / "missing.npz"))
 
 
 @dataclasses.dataclass
@@ -729,8 +730,8 @@ class SeedsArgs(FakeArgs):
 
 
 class FakeTraining:
-    """`iterate` / `evaluate` / `on_eval` for `run_iterations`, without any environment: the
-    carry is one counter per seed (seed i's starts at 100 i)."""
+    """`iterate` / `evaluate` / `on_eval` of a training loop, without any environment: the carry
+    is one counter per seed (seed i's starts at 100 i)."""
 
     def __init__(self, nan_at=None):
         self.nan_at, self.calls, self.evals, self.saved, self.keys = nan_at, 0, [], [], []
@@ -749,30 +750,49 @@ class FakeTraining:
         self.saved.append((int(carry[0]), step))
 
 
-def test_run_iterations_schedule_logging_and_progress(tmp_path, capsys):
-    runs = common.Runs(SeedsArgs(runs_dir=str(tmp_path)), "algo")
+def train_loop(runs, iterate, carry, key, step, end_step, per_iter, eval_every, evaluate, on_eval=None, stage=None):
+    """The loop every algorithm file's main() runs (ppo.py's, gorl_fm.py's latent PPO)."""
+    while step + per_iter <= end_step:
+        key, k_iter, k_eval = runs.split(key, 3)
+        carry, metrics = iterate(carry, k_iter)
+        step += per_iter
+        evaluating = running.evaluation_due(step, per_iter, end_step, eval_every)
+        if evaluating:
+            metrics.update(jax.device_get(evaluate(carry, k_eval)))
+        runs.log_iteration(step, metrics, stage)
+        if evaluating and on_eval:
+            on_eval(carry, step, key)
+    return carry, step, metrics
+
+
+def test_training_loop_schedule_logging_and_progress(tmp_path, capsys):
+    runs = running.Runs(SeedsArgs(runs_dir=str(tmp_path)), "algo", total_steps=65)
     assert runs.seeds == [7, 8] and runs.layout is None
     fake = FakeTraining()
-    carry, key, step, last_eval = common.run_iterations(
-        runs, fake.iterate, jnp.array([0, 100]), runs.keys(), step=0, end_step=65, steps_per_iteration=10,
-        total_steps=65, eval_every=25, evaluate=fake.evaluate, on_eval=fake.on_eval, stage=1,
-    )
-    runs.close()
-    assert step == 60 and list(carry) == [6, 106] and list(last_eval) == [60.0, 1060.0]
+    iterate = runs.timed(fake.iterate, 10)
+    carry, step, metrics = train_loop(runs, iterate, jnp.array([0, 100]), runs.keys(), 0, 65, 10, 25,
+                                      fake.evaluate, fake.on_eval, stage=1)
+    assert step == 60 and list(carry) == [6, 106] and list(metrics["eval/return"]) == [60.0, 1060.0]
+    assert isinstance(metrics["loss/total"], np.ndarray)  # `timed` brings the metrics to the host
     # Each seed's keys are those a run of that seed alone splits off: seed + 1's are not seed's.
     assert fake.keys[0].shape == (2, 2)
     for i, seed in enumerate(runs.seeds):
         np.testing.assert_array_equal(fake.keys[0][i], jax.random.split(jax.random.PRNGKey(seed), 3)[1])
     # Evaluations where the step crosses a multiple of 25, and after the last iteration.
     assert fake.saved == [(3, 30), (5, 50), (6, 60)] and fake.evals == [3, 5, 6]
+    # The next stage runs the same timed function: no second compile notice.
+    carry, step, _ = train_loop(runs, iterate, carry, runs.keys(), 60, 80, 10, 25, fake.evaluate, stage=2)
+    runs.close()
+    assert step == 80
     for run, offset in zip(runs.runs, (0, 1000)):
         assert os.path.basename(run.dir).startswith(f"CartpoleBalance__algo__{7 + offset // 1000}__")
         rows = read_csv(run.csv_path)[1]
-        assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
-        assert [r["eval/return"] for r in rows] == ["", "", *[f"{offset + 10 * c}.0" if c in (3, 5, 6) else ""
-                                                            for c in (3, 4, 5, 6)]]
-        assert [float(r["loss/total"]) for r in rows] == pytest.approx([1 / i for i in range(1, 7)])
-        assert all(r["stage"] == "1.0" for r in rows) and all(float(r["perf/steps_per_second"]) > 0 for r in rows)
+        assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60, 70, 80]
+        assert [r["eval/return"] for r in rows] == ["", "", *[f"{offset + 10 * c}.0" if c in (3, 5, 6, 8) else ""
+                                                            for c in (3, 4, 5, 6, 7, 8)]]
+        assert [float(r["loss/total"]) for r in rows] == pytest.approx([1 / i for i in range(1, 9)])
+        assert [r["stage"] for r in rows] == ["1.0"] * 6 + ["2.0"] * 2
+        assert all(float(r["perf/steps_per_second"]) > 0 for r in rows)
         with open(os.path.join(run.dir, "config.json")) as f:
             config = json.load(f)
         assert config["seed"] == 7 + offset // 1000 and config["num_seeds"] == 2
@@ -781,45 +801,47 @@ def test_run_iterations_schedule_logging_and_progress(tmp_path, capsys):
     # The progress line: the mean over seeds, then [min, max].
     assert "step 60/65" in out and "eval_return 560.00 [60.00, 1060.00]" in out and "stage 1" in out
     assert out.count("compiling the training iteration") == 1
-    # A second call with the same iteration function (the next stage) does not announce it again.
-    runs = common.Runs(SeedsArgs(runs_dir=str(tmp_path / "again"), num_seeds=1), "algo")
-    common.run_iterations(runs, fake.iterate, jnp.array([0]), runs.keys(), step=0, end_step=20,
-                          steps_per_iteration=10, total_steps=20, eval_every=25, evaluate=fake.evaluate)
+    runs = running.Runs(SeedsArgs(runs_dir=str(tmp_path / "again"), num_seeds=1), "algo", total_steps=20)
+    train_loop(runs, runs.timed(fake.iterate, 10), jnp.array([0]), runs.keys(), 0, 20, 10, 25, fake.evaluate)
     runs.close()
     out = capsys.readouterr().out
-    assert "compiling" not in out and "eval_return 20.00 |" in out  # one seed: the plain value
+    assert "eval_return 20.00 |" in out  # one seed: the plain value
+
+
+def test_evaluation_due_at_each_crossed_multiple_and_after_the_last_iteration():
+    due = [s for s in range(10, 91, 10) if running.evaluation_due(s, 10, 95, 25)]  # the steps a loop to 95 reaches
+    assert due == [30, 50, 80, 90]  # 90: the last whole iteration before 95
+    assert [s for s in range(30, 121, 30) if running.evaluation_due(s, 30, 120, 60)] == [60, 120]
 
 
 def test_first_iteration_notice_estimates_a_large_iteration_on_the_cpu(monkeypatch):
     # The backend as the notice sees it, so that the test means the same on a GPU machine.
     monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(common, "_cpu_warned", False)
-    assert "note:" not in common.first_iteration_notice(983_040)  # a GPU needs no warning
+    monkeypatch.setattr(running, "_cpu_warned", False)
+    assert "note:" not in running.first_iteration_notice(983_040)  # a GPU needs no warning
     monkeypatch.setattr(common.jax, "default_backend", lambda: "cpu")
-    notice = common.first_iteration_notice(983_040)
+    notice = running.first_iteration_notice(983_040)
     assert "983,040 environment steps" in notice and "3-16 min per iteration" in notice and "On a CPU" in notice
-    assert "note:" not in common.first_iteration_notice(983_040)  # once per process
-    monkeypatch.setattr(common, "_cpu_warned", False)
-    assert "note:" not in common.first_iteration_notice(7_680)  # a CPU-sized iteration needs no warning
+    assert "note:" not in running.first_iteration_notice(983_040)  # once per process
+    monkeypatch.setattr(running, "_cpu_warned", False)
+    assert "note:" not in running.first_iteration_notice(7_680)  # a CPU-sized iteration needs no warning
 
 
-def test_run_iterations_stops_on_nan_and_keeps_the_last_checkpoint(tmp_path):
-    runs = common.Runs(SeedsArgs(runs_dir=str(tmp_path), num_seeds=1), "algo")
+def test_training_loop_stops_on_nan_and_keeps_the_last_checkpoint(tmp_path):
+    runs = running.Runs(SeedsArgs(runs_dir=str(tmp_path), num_seeds=1), "algo", total_steps=100)
     fake = FakeTraining(nan_at=3)
-    with pytest.raises(FloatingPointError, match="loss/total.*stage 2, step 20"):
-        common.run_iterations(
-            runs, fake.iterate, jnp.array([0]), runs.keys(), step=0, end_step=100, steps_per_iteration=10,
-            total_steps=100, eval_every=10, evaluate=fake.evaluate, on_eval=fake.on_eval, stage=2,
-        )
+    with pytest.raises(FloatingPointError, match="loss/total.*stage 2, step 30"):
+        train_loop(runs, runs.timed(fake.iterate, 10), jnp.array([0]), runs.keys(), 0, 100, 10, 10,
+                   fake.evaluate, fake.on_eval, stage=2)
     runs.close()
     assert fake.saved == [(1, 10), (2, 20)]  # nothing saved after the NaN
     assert [int(r["step"]) for r in read_csv(runs.runs[0].csv_path)[1]] == [10, 20]
 
 
 def test_check_finite_names_the_loss_and_place():
-    common.check_finite({"loss/a": 1.0, "loss/b": np.float32(-2.0)}, "step 10")
+    running.check_finite({"loss/a": 1.0, "loss/b": np.float32(-2.0)}, "step 10")
     with pytest.raises(FloatingPointError) as error:
-        common.check_finite({"loss/ok": 1.0, "loss/value": float("nan"), "loss/policy": np.inf}, "stage 2, step 1,000")
+        running.check_finite({"loss/ok": 1.0, "loss/value": float("nan"), "loss/policy": np.inf}, "stage 2, step 1,000")
     message = str(error.value)
     assert "loss/value" in message and "loss/policy" in message and "loss/ok" not in message
     assert "stage 2, step 1,000" in message
@@ -876,18 +898,18 @@ def test_gpu_settings_are_defaults_that_the_user_overrides(monkeypatch):
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a CPU-only jaxlib
-    common._gpu_settings()
+    running._gpu_settings()
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"  # no GPU flag for the CPU
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: name == "jax_cuda12_plugin" or None)
-    common._gpu_settings()
+    running._gpu_settings()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_triton_gemm_any=True"
-    common._gpu_settings()  # not twice
+    running._gpu_settings()  # not twice
     assert os.environ["XLA_FLAGS"].count("triton") == 1
     # The user's values win.
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_triton_gemm_any=False")
-    common._gpu_settings()
+    running._gpu_settings()
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_triton_gemm_any=False"
 
@@ -917,7 +939,7 @@ def test_matmul_precision_is_the_tasks_and_is_applied(monkeypatch):
     monkeypatch.setenv("GORL_COMPILATION_CACHE", "0")
     before = jax.config.jax_default_matmul_precision
     try:
-        common.start_runtime(ppo.resolve(ppo.Args(env_name="HumanoidRun")))
+        running.start_runtime(ppo.resolve(ppo.Args(env_name="HumanoidRun")))
         assert jax.config.jax_default_matmul_precision == "highest"
     finally:
         jax.config.update("jax_default_matmul_precision", before)
@@ -927,9 +949,9 @@ def test_compilation_cache_folder(monkeypatch, tmp_path):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.delenv("GORL_COMPILATION_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert common.compilation_cache_dir("gpu") == str(tmp_path / "gorl" / "jax")
-    assert common.compilation_cache_dir("cpu") is None  # XLA:CPU warns at length about cached programs
+    assert running.compilation_cache_dir("gpu") == str(tmp_path / "gorl" / "jax")
+    assert running.compilation_cache_dir("cpu") is None  # XLA:CPU warns at length about cached programs
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
-    assert common.compilation_cache_dir("cpu") == "/somewhere"
+    assert running.compilation_cache_dir("cpu") == "/somewhere"
     monkeypatch.setenv("GORL_COMPILATION_CACHE", "0")
-    assert common.compilation_cache_dir("gpu") is None
+    assert running.compilation_cache_dir("gpu") is None

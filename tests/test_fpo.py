@@ -4,7 +4,6 @@ import csv
 import dataclasses
 import functools
 import json
-import math
 import os
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 import common
+import running
 import fpo
 
 OBS, ACT, B, N = 5, 3, 6, 8
@@ -186,7 +186,7 @@ def test_smoke_run(tmp_path):
     for r in rows:
         assert float(r["loss/total"]) == pytest.approx(
             float(r["loss/policy"]) + args.vf_coef * float(r["loss/value"]), rel=1e-4, abs=1e-5)
-    assert int(common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))["step"]) == 640
+    assert int(running.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))["step"]) == 640
 
 
 def _loss_batch(args, params, batch):

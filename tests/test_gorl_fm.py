@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import common
+import running
 import gorl_fm
 
 OBS, ACT = 7, 3
@@ -212,9 +213,9 @@ def test_bounded_latent_and_bounded_actions():
 # that a silent change of a default fails here.
 RELEASED_FM = dict(
     stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), num_envs=2048, unroll_length=30, batch_size=1024,
-    num_minibatches=32, num_epochs=16, learning_rate=1e-3, discount=0.995, gae_lambda=0.95, vf_coef=0.25,
-    ent_coef=0.01, reward_scaling=10.0, stage0_clip_eps=0.15, clip_eps=0.3, stage0_max_grad_norm=0.5,
-    max_grad_norm=0.5, stage0_kl_beta=5e-4, kl_beta=1e-3, bounded_latent=False, encoder_hidden=(32,) * 4,
+    num_minibatches=32, num_epochs=16, learning_rate=(1e-3,), discount=0.995, gae_lambda=0.95, vf_coef=0.25,
+    ent_coef=0.01, reward_scaling=10.0, clip_eps=(0.15, 0.3), max_grad_norm=(0.5, 0.5), kl_beta=(5e-4, 1e-3),
+    bounded_latent=False, encoder_hidden=(32,) * 4,
     critic_hidden=(256,) * 5, decoder_hidden=(128,) * 4, flow_steps=10, action_semantics="pre_squash",
     refine_episodes=4096, refine_steps=50_000, refine_batch_size=8192, refine_draws=8,
     refine_learning_rate=3e-4, decoder_target_clip=3.0, decoder_init="fresh", refine_val_fraction=0.1,
@@ -237,12 +238,12 @@ def test_refinement_collects_all_episodes_at_once_by_default():
 
 
 @pytest.mark.parametrize("env_name, expected", [
-    ("FingerSpin", dict(discount=0.95, refine_metric="val_endpoint_mse", max_grad_norm=0.5)),
+    ("FingerSpin", dict(discount=0.95, refine_metric="val_endpoint_mse", max_grad_norm=(0.5, 0.5))),
     ("BallInCup", dict(discount=0.95)),
-    ("FingerTurnHard", dict(max_grad_norm=1.0, discount=0.995)),
-    ("WalkerWalk", dict(max_grad_norm=1.0, kl_beta=3e-3)),
+    ("FingerTurnHard", dict(max_grad_norm=(0.5, 1.0), discount=0.995)),
+    ("WalkerWalk", dict(max_grad_norm=(0.5, 1.0), kl_beta=(5e-4, 3e-3))),
     ("HopperStand", dict(decoder_hidden=(64,) * 4, decoder_target_clip=0.0)),
-    ("HumanoidRun", dict(stage_steps=(60_000_000, 60_000_000), bounded_latent=True, stage0_clip_eps=0.3,
+    ("HumanoidRun", dict(stage_steps=(60_000_000, 60_000_000), bounded_latent=True, clip_eps=(0.3,), matmul_precision="highest",
                          action_semantics="bounded", decoder_target_clip=1.0, refine_episodes=1024,
                          deterministic_eval=False)),
     ("HumanoidStand", dict(stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), refine_episodes=128,
@@ -317,8 +318,8 @@ def test_two_stage_run_and_resume_after_the_first_stage(tmp_path):
 
     # The density helper: from stage 0's identity decoder the actions are exactly tanh of the
     # latents (prior draws, or the encoder's samples at the state); stage 1's refined decoder moves them.
-    saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz"))
-    stage0 = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage0.npz"))
+    saved = running.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz"))
+    stage0 = running.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage0.npz"))
     obs, key = jnp.zeros(saved["norm"].mean.shape), jax.random.PRNGKey(0)
     prior_draws = jnp.tanh(jax.random.normal(key, (100, 1)))
     np.testing.assert_array_equal(gorl_fm.sample_actions(stage0, obs, key, 100, 10, from_prior=True), prior_draws)

@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import common  # noqa: E402
+import running  # noqa: E402
 import gorl_sac  # noqa: E402
 
 OBS, LATENT, B = 5, 3, 7
@@ -354,13 +355,13 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
     assert [float(r["sac/gradient_steps"]) for r in chunks] == [2, 50, 50, 50] * 2
     assert [int(float(r["buffer/size"])) for r in chunks] == [100, 200, 300, 400] * 2
     for stage in (0, 1):
-        saved = common.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.npz"))
+        saved = running.load_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.npz"))
         assert int(saved["step"]) == 400 * (stage + 1)
     # The stage table carries the refined decoder's return that the refinement row logged.
     assert saved["stage_rows"][0]["refined_prior_return"] == pytest.approx(float(refine["refine/prior_latent_return"]))
     assert os.path.exists(os.path.join(run_dir, "stages.md"))
     # Stage 0 ran with the identity decoder; stage 1 with the refined one.
-    assert np.all(common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage0.npz"))["decoder"][-1]["w"] == 0)
+    assert np.all(running.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage0.npz"))["decoder"][-1]["w"] == 0)
     assert np.any(saved["decoder"][-1]["w"] != 0)
 
     # Resume after stage 0, as if interrupted in stage 1: the refinement and stage 1 run again.
@@ -369,7 +370,7 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
     assert "resuming after stage 0 at step 400" in out and "| S1 | 800 |" in out
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == steps
-    again = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz"))
+    again = running.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz"))
     # Same key, same stage-0 checkpoint: the same refined decoder.
     for a, b in zip(jax.tree.leaves(again["decoder"]), jax.tree.leaves(saved["decoder"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ from brax.io import mjcf
 from ml_collections import config_dict
 
 import common
+import running
 import dppo
 import fpo
 import gorl_diffusion
@@ -167,7 +168,7 @@ def test_your_own_environment_trains_through_main(algo, kind, tmp_path):
 def test_dict_observations_give_the_critic_the_privileged_state(algo, tmp_path):
     run_dir, rows, _ = train(algo, PrivilegedDoubleIntegrator(), tmp_path)
     gorl = algo.startswith("gorl")
-    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz" if gorl else "latest.npz"))
+    checkpoint = running.load_checkpoint(os.path.join(run_dir, "checkpoints", "stage1.npz" if gorl else "latest.npz"))
     params = checkpoint["params"]
     policy = params["encoder"] if gorl else params["actor"]
     # "state" (the position) is the policy's input; the flow policies also take the action and time.
@@ -270,7 +271,7 @@ def test_a_missing_menagerie_says_what_to_provide(monkeypatch):
     def failed_clone(name, config_overrides=None):
         raise subprocess.CalledProcessError(128, ["git", "clone"])
 
-    monkeypatch.setattr(common.registry, "load", failed_clone)
+    monkeypatch.setattr(running.registry, "load", failed_clone)
     with pytest.raises(SystemExit) as error:
         ppo.make_env(ppo.Args(env_name="Go1JoystickFlatTerrain"))
     message = str(error.value)
@@ -280,18 +281,18 @@ def test_a_missing_menagerie_says_what_to_provide(monkeypatch):
 
 def test_every_playground_task_name_is_accepted():
     for name in ("CartpoleBalance", "Go1JoystickFlatTerrain", "Go1Getup", "PandaPickCube"):
-        assert common.env_name_check(name)[0], name
+        assert running.env_name_check(name)[0], name
 
 
 def test_an_actuator_range_other_than_the_unit_box_is_noted():
-    assert common.action_range_notice(DoubleIntegrator()) is None  # ctrlrange [-1, 1]
+    assert running.action_range_notice(DoubleIntegrator()) is None  # ctrlrange [-1, 1]
 
     class Wide(DoubleIntegrator):
         def __init__(self):
             super().__init__()
             self._mj_model.actuator_ctrlrange[:] = [-3.0, 3.0]
 
-    notice = common.action_range_notice(Wide())
+    notice = running.action_range_notice(Wide())
     assert "[-1, 1]" in notice and "-3.0" in notice
 
 
@@ -306,6 +307,6 @@ def test_a_run_that_fails_before_its_first_iteration_leaves_no_folder(tmp_path):
 
 
 def test_progress_shows_a_dash_until_a_training_episode_finishes():
-    assert common.over_seeds(np.array([np.nan])) == "-"
-    assert common.over_seeds(np.array([np.nan, np.nan]), ".2f") == "-"
-    assert common.over_seeds(np.array([1.0, np.nan, 3.0])) == "2.0 [1.0, 3.0]"
+    assert running.over_seeds(np.array([np.nan])) == "-"
+    assert running.over_seeds(np.array([np.nan, np.nan]), ".2f") == "-"
+    assert running.over_seeds(np.array([1.0, np.nan, 3.0])) == "2.0 [1.0, 3.0]"

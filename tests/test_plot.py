@@ -14,6 +14,7 @@ import scipy.stats
 from PIL import Image
 
 import common
+import running
 import gorl_fm
 import plot
 import ppo
@@ -30,8 +31,8 @@ class FakeArgs:
 
 
 def fake_run(root, algo, seed, staged, offset=0.0, exp_name=None, plain_sac=False):
-    """A run folder written by common.Run, with the rows the scripts log."""
-    run = common.Run(FakeArgs(seed=seed, runs_dir=str(root), plain_sac=plain_sac), algo,
+    """A run folder written by running.Run, with the rows the scripts log."""
+    run = running.Run(FakeArgs(seed=seed, runs_dir=str(root), plain_sac=plain_sac), algo,
                      run_dir=os.path.join(root, f"CartpoleBalance__{exp_name or algo}__{seed}"),
                      default_exp_name=exp_name)
     for i in range(1, 9):
@@ -179,7 +180,7 @@ def saved_gorl_run(root, algo="gorl_fm", obs_size=5, act_size=1):
         }
         if stage == 1:  # a decoder that shifts every action by +1: a visibly different density
             ckpt["decoder"][-1]["b"] = jnp.ones(act_size)
-        common.save_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.npz"), ckpt)
+        running.save_checkpoint(os.path.join(run_dir, "checkpoints", f"stage{stage}.npz"), ckpt)
     return run_dir
 
 
@@ -215,7 +216,7 @@ def saved_ppo_run(root):
         json.dump({"algo": "ppo", **dataclasses.asdict(args)}, f)
     params = ppo.init_params(jax.random.PRNGKey(0), 5, 1, args)
     params["actor"][-1]["b"] = jnp.array([0.5, 0.0])  # mean 0.5, scale softplus(0) + 1e-3
-    common.save_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"),
+    running.save_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"),
                            {"params": params, "norm": common.normalizer_init(5), "step": 0})
     return run_dir, params
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import common
+import running
 import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,14 +316,16 @@ def test_validate_accepts_the_defaults_and_reports_every_problem():
 
 
 def args_docstrings():
-    """{field: docstring} from the source of `ppo.Args` (the string literal under each field)."""
-    tree = ast.parse(open(os.path.join(ROOT, "ppo.py")).read())
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args"]
+    """{field: docstring} from the source of `ppo.Args` and of the flags it inherits,
+    `running.RunFlags` (the string literal under each field)."""
     docs = {}
-    for node, following in zip(cls.body, cls.body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign):
-            is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-            docs[node.target.id] = following.value.value if is_doc else None
+    for path, name in (("running.py", "RunFlags"), ("ppo.py", "Args")):
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+        for node, following in zip(cls.body, cls.body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign):
+                is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                docs[node.target.id] = following.value.value if is_doc else None
     return docs
 
 
@@ -393,7 +396,7 @@ def test_run_folder_contents(first_run):
         assert 0 <= float(row["policy/clip_fraction"]) <= 1
     assert glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))
 
-    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
+    checkpoint = running.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
     assert set(checkpoint) == {"params", "opt_state", "norm", "step", "key"}
     assert int(checkpoint["step"]) == 2 * ITERATION
     assert float(checkpoint["norm"].count) == 2 * ITERATION  # every observation of both iterations
@@ -425,6 +428,6 @@ def test_resume_continues_from_the_checkpoint(first_run):
         assert {k: new[k] for k in old} == old  # earlier rows kept as they were
     assert float(rows[-1]["loss/total"]) != 12345.0
     assert math.isfinite(float(rows[-1]["eval/return"]))
-    checkpoint = common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
+    checkpoint = running.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))
     assert int(checkpoint["step"]) == 3 * ITERATION
     assert float(checkpoint["norm"].count) == 3 * ITERATION  # the normalizer was restored, not reset

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import common
+import running
 import gorl_diffusion
 import gorl_fm
 
@@ -53,23 +54,23 @@ def test_a_run_stopped_inside_a_stage_resumes_inside_it(module, fake_task, tmp_p
     (whole,) = glob.glob(str(tmp_path / "whole" / "*"))
 
     # The same run, stopped right after the checkpoint of stage 1's first evaluation (step 168).
-    save = module.save_inside_stage
+    save = running.Runs.save_inside_stage
     saved_steps = []
 
-    def save_then_stop(runs, state, stage, step, key, stage_rows):
-        save(runs, state, stage, step, key, stage_rows)
+    def save_then_stop(runs, state, keys, stage, step, key, stage_rows):
+        save(runs, state, keys, stage, step, key, stage_rows)
         saved_steps.append((stage, step))
         if stage == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "save_inside_stage", save_then_stop)
+    monkeypatch.setattr(running.Runs, "save_inside_stage", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         module.main(module.Args(**FLAGS[module], runs_dir=str(tmp_path / "stopped")))
     (stopped,) = glob.glob(str(tmp_path / "stopped" / "*"))
     assert saved_steps == [(0, 56), (1, 168)]  # inside stages only: a stage's end is its stage checkpoint
-    assert "resume from the last evaluation" in capsys.readouterr().out
+    assert "resume from the last checkpoint with: python" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(stopped, "checkpoints"))) == ["latest.npz", "stage0.npz"]
-    monkeypatch.setattr(module, "save_inside_stage", save)
+    monkeypatch.setattr(running.Runs, "save_inside_stage", save)
 
     module.main(module.Args(resume=stopped))
     out = capsys.readouterr().out
@@ -84,7 +85,7 @@ def test_a_run_stopped_inside_a_stage_resumes_inside_it(module, fake_task, tmp_p
     assert [r["step"] for r in rows(stopped)] == [r["step"] for r in rows(whole)]  # no row twice
     with open(os.path.join(whole, "stages.md")) as a, open(os.path.join(stopped, "stages.md")) as b:
         assert a.read() == b.read()
-    final = {d: common.load_checkpoint(os.path.join(d, "checkpoints", "stage1.npz")) for d in (whole, stopped)}
+    final = {d: running.load_checkpoint(os.path.join(d, "checkpoints", "stage1.npz")) for d in (whole, stopped)}
     for a, b in zip(jax.tree.leaves(final[whole]["params"]), jax.tree.leaves(final[stopped]["params"])):
         np.testing.assert_array_equal(a, b)
 
@@ -101,7 +102,7 @@ def test_a_checkpoint_from_a_completed_stage_is_not_resumed_inside(fake_task, tm
     with pytest.raises(KeyboardInterrupt):
         module.main(module.Args(**FLAGS[module], runs_dir=str(tmp_path)))
     (run_dir,) = glob.glob(str(tmp_path / "*"))
-    assert int(common.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))["stage"]) == 0
+    assert int(running.load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.npz"))["stage"]) == 0
     monkeypatch.undo()
     monkeypatch.setattr(common, "make_env", lambda *a, **k: __import__("fake_env").FakeEnv())
     capsys.readouterr()

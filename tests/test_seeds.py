@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import common
+import running
 import gorl_fm
 import ppo
 
@@ -139,28 +140,28 @@ def test_resume_of_a_group_resumes_every_seed(trained, tmp_path, capsys):
 
 
 def test_device_layout():
-    assert common.device_layout(4, 64, 1) is None
-    assert common.device_layout(4, 64, 2) == "seeds" and common.device_layout(2, 64, 2) == "seeds"
-    assert common.device_layout(1, 64, 2) == "envs" and common.device_layout(2, 64, 4) == "envs"
+    assert running.device_layout(4, 64, 1) is None
+    assert running.device_layout(4, 64, 2) == "seeds" and running.device_layout(2, 64, 2) == "seeds"
+    assert running.device_layout(1, 64, 2) == "envs" and running.device_layout(2, 64, 4) == "envs"
     with pytest.raises(SystemExit, match="--num-seeds 3 cannot be split evenly over 2 devices"):
-        common.device_layout(3, 64, 2)
+        running.device_layout(3, 64, 2)
     with pytest.raises(SystemExit, match="--num-envs 6 is not a multiple of 4"):
-        common.device_layout(2, 6, 4)
+        running.device_layout(2, 6, 4)
     with pytest.raises(SystemExit, match="--num-seeds must be at least 1"):
         ppo.validate(ppo.Args(num_seeds=0))
 
 
 def test_seed_slices_and_stacks_round_trip():
     tree = {"w": np.arange(6.0).reshape(2, 3), "step": 5, "rows": [{"return": np.array([1.0, 2.0]), "stage": 0}]}
-    parts = [common.seed_slice(tree, i) for i in range(2)]
+    parts = [running.seed_slice(tree, i) for i in range(2)]
     assert parts[1]["step"] == 5 and list(parts[1]["w"]) == [3.0, 4.0, 5.0] and parts[1]["rows"][0]["return"] == 2.0
-    again = common.stack_seeds(parts, "checkpoint")
+    again = running.stack_seeds(parts, "checkpoint")
     np.testing.assert_array_equal(again["w"], tree["w"])
     np.testing.assert_array_equal(again["rows"][0]["return"], [1.0, 2.0])
     with pytest.raises(SystemExit, match="the seeds' stage1.npz disagree"):
-        common.stack_seeds([dict(parts[0], step=5), dict(parts[1], step=6)], "stage1.npz")
-    assert common.over_seeds(np.array([1.0])) == "1.0"
-    assert common.over_seeds(np.array([1.0, 2.0, 6.0])) == "3.0 [1.0, 6.0]"
+        running.stack_seeds([dict(parts[0], step=5), dict(parts[1], step=6)], "stage1.npz")
+    assert running.over_seeds(np.array([1.0])) == "1.0"
+    assert running.over_seeds(np.array([1.0, 2.0, 6.0])) == "3.0 [1.0, 6.0]"
 
 
 # Two forced CPU devices: the script runs in a fresh process and prints each run's returns.

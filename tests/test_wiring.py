@@ -18,6 +18,7 @@ import pytest
 from fake_env import FakeEnv
 
 import common
+import running
 import dppo
 import fpo
 import gorl_diffusion
@@ -70,16 +71,10 @@ def run_one_iteration(algo, **overrides):
         prefix = "policy"
     else:
         module = {"gorl_fm": gorl_fm, "gorl_diffusion": gorl_diffusion}[algo]
-        lr = {"learning_rate": (0.0,)} if algo == "gorl_diffusion" else {"learning_rate": 0.0}
-        args = module.resolve(module.Args(**LAYOUT, **small, encoder_hidden=(16,), decoder_hidden=(16,), **lr,
-                                          **overrides))
-        if algo == "gorl_diffusion":
-            optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
-            state = gorl_state(module, args, env, optimizer,
-                               lambda p: module.stage_optimizer_state(optimizer, p, args, 1))
-        else:
-            optimizer = ZERO_LR
-            state = gorl_state(module, args, env, optimizer, optimizer.init)
+        args = module.resolve(module.Args(**LAYOUT, **small, encoder_hidden=(16,), decoder_hidden=(16,),
+                                          learning_rate=(0.0,), **overrides))
+        optimizer = optax.scale_by_adam()  # main's: the stage's learning rate (here 0) scales the steps
+        state = gorl_state(module, args, env, optimizer, optimizer.init)
         iteration = module.make_train_iteration(env, optimizer, args)
         prefix = "encoder"
     before = jax.tree.map(jnp.array, state)  # a copy, independent of what the iteration returns
@@ -138,7 +133,7 @@ def test_normalizer_update_before_the_epochs_moves_the_ratio():
 @pytest.mark.parametrize("module", [ppo, fpo, dppo], ids=lambda m: m.__name__)
 def test_resume_of_a_run_without_a_checkpoint_is_a_clear_error(module, tmp_path):
     args = module.Args(**LAYOUT, runs_dir=str(tmp_path))
-    run = common.Run(args, module.__name__)  # a run folder stopped before its first evaluation
+    run = running.Run(args, module.__name__)  # a run folder stopped before its first evaluation
     run.close()
     with pytest.raises(SystemExit, match="no checkpoint yet"):
         module.main(module.Args(resume=run.dir))
@@ -149,17 +144,13 @@ def test_the_stage_settings_in_the_state_are_the_ones_applied(module):
     """A stage's clip and gradient-norm clip are arrays in the training state (no recompiling):
     one compiled iteration must apply whichever values the state carries."""
     env = FakeEnv()
-    lr = {"learning_rate": (1e-2,)} if module is gorl_diffusion else {"learning_rate": 1e-2}
     args = module.resolve(module.Args(**{**LAYOUT, "num_epochs": 4}, critic_hidden=(16,), encoder_hidden=(16,),
-                                      decoder_hidden=(16,), **lr))
-    if module is gorl_diffusion:
-        optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
-        state = gorl_state(module, args, env, optimizer, lambda p: module.stage_optimizer_state(optimizer, p, args, 1))
-    else:
-        optimizer = optax.adam(1e-2)
-        state = gorl_state(module, args, env, optimizer, optimizer.init)
+                                      decoder_hidden=(16,), learning_rate=(1e-2,)))
+    optimizer = optax.scale_by_adam()
+    state = gorl_state(module, args, env, optimizer, optimizer.init)
     iteration = jax.jit(module.make_train_iteration(env, optimizer, args))
-    free = {"clip_eps": jnp.float32(10.0), "max_grad_norm": jnp.float32(1e6), "kl_beta": jnp.float32(0.0)}
+    free = {"learning_rate": jnp.float32(1e-2), "clip_eps": jnp.float32(10.0), "max_grad_norm": jnp.float32(1e6),
+            "kl_beta": jnp.float32(0.0)}
 
     def run(**hp):
         after, metrics = iteration(state._replace(hp={**free, **hp}), jax.random.PRNGKey(2))
@@ -170,8 +161,10 @@ def test_the_stage_settings_in_the_state_are_the_ones_applied(module):
     moved_free, clipped_free = run()
     moved_tiny_norm, _ = run(max_grad_norm=jnp.float32(1e-12))
     _, clipped_tight = run(clip_eps=jnp.float32(1e-4))
+    moved_no_lr, _ = run(learning_rate=jnp.float32(0.0))
     assert moved_free > 1e-3 and moved_tiny_norm < 1e-2 * moved_free  # Adam moves ~lr per step unless the norm clip bites
     assert clipped_free == 0.0 and clipped_tight > 0.1
+    assert moved_no_lr == 0.0  # the stage's learning rate is the one the state carries
 
 
 def test_fresh_start_states_is_every_scripts_default():
