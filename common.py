@@ -7,7 +7,7 @@ deterministic evaluation. How a run is run (flag checks, task settings, run fold
 checkpoints, seeds and devices, progress) is in `running.py`.
 
 An algorithm file imports this module and `running.py` and nothing else of the repository, so
-`gorl_fm.py` + `common.py` + `running.py` can be copied anywhere.
+an algorithm file with `common.py` and `running.py` can be copied anywhere.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def reset_envs(env, key: jax.Array, num_envs: int):
 
 
 # Where the auto-reset wrappers cache the state an environment restarts from after `done`:
-# Playground's BraxAutoResetWrapper (DMC tasks) and Brax's AutoResetWrapper (gorl_sac's Gym tasks).
+# Playground's BraxAutoResetWrapper (DMC tasks) and Brax's AutoResetWrapper (Brax's Gym tasks).
 START_STATE_KEYS = ("AutoResetWrapper_first_data", "AutoResetWrapper_first_obs", "first_pipeline_state", "first_obs")
 
 
@@ -260,7 +260,7 @@ def kl_to_standard_normal(mean: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# GoRL pieces shared by gorl_fm.py and gorl_diffusion.py: latent regularizer, decoder targets
+# GoRL pieces shared by its decoders: latent regularizer, decoder targets
 # ---------------------------------------------------------------------------------------------
 
 
@@ -445,7 +445,7 @@ def to_sequences(x: jax.Array, unroll_length: int) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# The PPO family's epochs data and per-minibatch targets (ppo, fpo, dppo, and GoRL's latent PPO)
+# The PPO family's epochs data and per-minibatch targets (Gaussian PPO, FPO, DPPO, GoRL's latent PPO)
 # ---------------------------------------------------------------------------------------------
 
 

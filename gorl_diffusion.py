@@ -26,7 +26,6 @@ zero-initialized network is made the exact identity is derived above `diffusion_
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Literal, NamedTuple
 
@@ -219,23 +218,18 @@ def validate(args: Args) -> None:
     """Reject bad flag values before anything is compiled (task-dependent flags left at None
     are checked at the task's value)."""
     args = resolve(args)
-    per_iter = steps_per_iteration(args)
     running.check_args([
         *running.ppo_layout_checks(args),
         *running.seed_checks(args),
-        *[(len(v) >= 1 and min(v) >= 0, f"--{name.replace('_', '-')} needs one or more values >= 0, got {v}")
-          for name, v in (("learning_rate", args.learning_rate), ("clip_eps", args.clip_eps),
-                          ("max_grad_norm", args.max_grad_norm), ("kl_beta", args.kl_beta))],
-        (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
-        (all(n >= per_iter for n in args.stage_steps),
-         f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
-         f"({per_iter:,} steps = batch_size * num_minibatches * unroll_length)"),
-        *refinement_checks(args),
+        *running.staged_checks(args, steps_per_iteration(args)),
+        *running.positive_checks(args, "refine_epochs", "diffusion_steps"),
+        (refine_steps(args) >= max(args.refine_eval_every, 1),
+         f"one refinement ({refine_steps(args):,} steps = refine_epochs * training transitions // "
+         f"refine_batch_size, rounded down to a multiple of --refine-eval-every) must hold at least "
+         f"--refine-eval-every {args.refine_eval_every} steps"),
         (args.denoised_clip is None or args.denoised_clip > 0,
          f"--denoised-clip must be positive (or None for no clipping), got {args.denoised_clip}"),
         (args.pairwise_weight >= 0, "--pairwise-weight must be >= 0"),
-        (args.frozen_decoder is None or os.path.isfile(args.frozen_decoder),
-         f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.npz)"),
     ])
 
 
@@ -246,27 +240,6 @@ def refine_steps(args: Args) -> int:
     train = (episodes - max(1, int(episodes * args.refine_val_fraction))) * common.EPISODE_LENGTH
     steps = args.refine_epochs * (train // max(args.refine_batch_size, 1))
     return steps // max(args.refine_eval_every, 1) * args.refine_eval_every
-
-
-def refinement_checks(args: Args) -> list[tuple[bool, str]]:
-    episodes = args.refine_episodes
-    held_out = max(1, int(episodes * args.refine_val_fraction))
-    return [
-        (min(args.refine_envs or episodes, episodes, args.refine_epochs, args.refine_batch_size, args.refine_draws,
-             args.refine_eval_every, args.refine_val_size, args.diffusion_steps) > 0,
-         "--refine-envs, --refine-episodes, --refine-epochs, --refine-batch-size, --refine-draws, "
-         "--refine-eval-every, --refine-val-size and --diffusion-steps must be positive"),
-        (episodes % max(args.refine_envs or episodes, 1) == 0,
-         f"--refine-episodes {episodes} must be a multiple of --refine-envs {args.refine_envs}"),
-        (0 < args.refine_val_fraction < 1 and held_out < episodes,
-         f"--refine-val-fraction {args.refine_val_fraction} must hold out at least one of the "
-         f"{episodes} refinement episodes and leave at least one for training"),
-        (refine_steps(args) >= max(args.refine_eval_every, 1),
-         f"one refinement ({refine_steps(args):,} steps = refine_epochs * training transitions // "
-         f"refine_batch_size, rounded down to a multiple of --refine-eval-every) must hold at least "
-         f"--refine-eval-every {args.refine_eval_every} steps"),
-        (args.decoder_target_clip >= 0, "--decoder-target-clip must be >= 0 (0: no clip)"),
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,23 +493,15 @@ def latent_ppo_loss(params, batch, hp, args: Args):
     values = critic(params["critic"], batch["obs"])
     advantages, target, critic_metrics = common.minibatch_targets(
         batch, values, lambda obs: critic(params["critic"], obs), args)
-    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(
-        log_prob - batch["log_prob"], advantages, hp["clip_eps"]
-    )
+    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(log_prob - batch["log_prob"], advantages,
+                                                                     hp["clip_eps"])
     regularizer = common.latent_regularizer(mean, scale, args.latent_regularizer)
     value_loss = jnp.mean((values - target) ** 2)
     entropy = common.gaussian_entropy(scale).mean()
     loss = policy_loss + hp["kl_beta"] * regularizer + args.vf_coef * value_loss - args.ent_coef * entropy
-    return loss, {
-        "loss/total": loss,
-        "loss/policy": policy_loss,
-        "loss/value": value_loss,
-        "loss/kl_prior": regularizer,
-        "encoder/entropy": entropy,
-        "encoder/clip_fraction": clip_fraction,
-        "encoder/approx_kl": approx_kl,
-        **critic_metrics,
-    }
+    return loss, {"loss/total": loss, "loss/policy": policy_loss, "loss/value": value_loss, "loss/kl_prior": regularizer,
+                  "encoder/entropy": entropy, "encoder/clip_fraction": clip_fraction, "encoder/approx_kl": approx_kl,
+                  **critic_metrics}
 
 
 def stage_hyperparameters(args: Args, stage: int):

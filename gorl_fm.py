@@ -15,13 +15,18 @@ termination, and keeps the true last observation in `next_obs`; `common.gae` boo
 truncated episode from V(next_obs), cuts the bootstrap only at a termination, and stops the
 lambda-recursion at either, since the next row starts a new episode.
 
+Read top to bottom: the flags and their per-task values, the encoder and critic, the decoder,
+the policy, latent PPO (loss and iteration), the refinement, the evaluation, and `main()`,
+which is Algorithm 1 line by line. The mathematics it shares with the other scripts is in
+`common.py`; the running of a run (flags every script has, run folders, logging, checkpoints,
+resume, seeds and devices) in `running.py`, which is not needed to follow the method.
+
     python gorl_fm.py --env-name HopperStand --seed 1
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Literal, NamedTuple
 
@@ -80,7 +85,7 @@ class Args(running.RunFlags):
     0 and 1.0 after on FingerTurnHard and WalkerWalk, and in the paper's text)"""
     kl_beta: tuple[float, ...] | None = None
     """weight beta of the latent regularizer (Eq. 3) per stage; None: the task's value (5e-4 in
-    stage 0, 1e-3 after; 3e-3 after on WalkerWalk)"""
+    stage 0, 1e-3 after; 3e-3 after on WalkerWalk; 0.01 in stage 3 on FingerTurnHard)"""
     latent_regularizer: Literal["kl", "l2"] = "kl"
     """kl: beta * KL(encoder || N(0, I)) in closed form (Eq. 3); l2: the release's beta * (mean mu^2
     + mean sigma^2), which pulls sigma towards 0 instead of 1"""
@@ -170,13 +175,12 @@ TASK_DEFAULTS = {
 }
 # The humanoid profile (paper 002's 21-D HumanoidStand / HumanoidRun) bounds the latent, clips
 # the ratio at 0.3 in every stage, regresses the decoder onto the environment's (bounded)
-# action, collects fewer refinement episodes and evaluates the stochastic policy. Per-stage
-# exceptions of single tasks (e.g. FingerTurnHard's stage-3 KL weight) are in the README.
+# action, collects fewer refinement episodes and evaluates the stochastic policy.
 HUMANOID = {"bounded_latent": True, "clip_eps": (0.3,), "refine_episodes": 1024, "action_semantics": "bounded",
             "decoder_target_clip": 1.0, "deterministic_eval": False}
 TASK_SETTINGS = {
     "FingerSpin": {"refine_metric": "val_endpoint_mse"},
-    "FingerTurnHard": {"max_grad_norm": (0.5, 1.0)},
+    "FingerTurnHard": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 1e-3, 1e-3, 1e-2)},
     "FishSwim": {"refine_metric": "val_endpoint_mse"},
     "WalkerWalk": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 3e-3)},
     "HopperStand": {"decoder_hidden": (64, 64, 64, 64), "decoder_target_clip": 0.0},
@@ -203,40 +207,14 @@ def validate(args: Args) -> None:
     """Reject bad flag values before anything is compiled (task-dependent flags left at None
     are checked at the task's value)."""
     args = resolve(args)
-    per_iter = steps_per_iteration(args)
     running.check_args([
         *running.ppo_layout_checks(args),
         *running.seed_checks(args),
-        *[(len(v) >= 1 and min(v) >= 0, f"--{name.replace('_', '-')} needs one or more values >= 0, got {v}")
-          for name, v in (("learning_rate", args.learning_rate), ("clip_eps", args.clip_eps),
-                          ("max_grad_norm", args.max_grad_norm), ("kl_beta", args.kl_beta))],
-        (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
-        (all(n >= per_iter for n in args.stage_steps),
-         f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
-         f"({per_iter:,} steps = batch_size * num_minibatches * unroll_length)"),
-        *refinement_checks(args),
-        (args.frozen_decoder is None or os.path.isfile(args.frozen_decoder),
-         f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.npz)"),
-    ])
-
-
-def refinement_checks(args: Args) -> list[tuple[bool, str]]:
-    episodes = args.refine_episodes
-    held_out = max(1, int(episodes * args.refine_val_fraction))
-    return [
-        (min(args.refine_envs or episodes, episodes, args.refine_steps, args.refine_batch_size, args.refine_draws,
-             args.refine_eval_every, args.refine_val_size, args.flow_steps) > 0,
-         "--refine-envs, --refine-episodes, --refine-steps, --refine-batch-size, --refine-draws, "
-         "--refine-eval-every, --refine-val-size and --flow-steps must be positive"),
-        (episodes % max(args.refine_envs or episodes, 1) == 0,
-         f"--refine-episodes {episodes} must be a multiple of --refine-envs {args.refine_envs}"),
-        (0 < args.refine_val_fraction < 1 and held_out < episodes,
-         f"--refine-val-fraction {args.refine_val_fraction} must hold out at least one of the "
-         f"{episodes} refinement episodes and leave at least one for training"),
+        *running.staged_checks(args, steps_per_iteration(args)),
+        *running.positive_checks(args, "refine_steps", "flow_steps"),
         (args.refine_steps % max(args.refine_eval_every, 1) == 0,
          f"--refine-steps {args.refine_steps} must be a multiple of --refine-eval-every {args.refine_eval_every}"),
-        (args.decoder_target_clip >= 0, "--decoder-target-clip must be >= 0 (0: no clip)"),
-    ]
+    ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,23 +365,15 @@ def latent_ppo_loss(params, batch, hp, args: Args):
     values = critic(params["critic"], batch["obs"])
     advantages, target, critic_metrics = common.minibatch_targets(
         batch, values, lambda obs: critic(params["critic"], obs), args)
-    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(
-        log_prob - batch["log_prob"], advantages, hp["clip_eps"]
-    )
+    policy_loss, clip_fraction, approx_kl = common.clipped_surrogate(log_prob - batch["log_prob"], advantages,
+                                                                     hp["clip_eps"])
     regularizer = common.latent_regularizer(mean, scale, args.latent_regularizer)
     value_loss = jnp.mean((values - target) ** 2)
     entropy = common.gaussian_entropy(scale).mean()
     loss = policy_loss + hp["kl_beta"] * regularizer + args.vf_coef * value_loss - args.ent_coef * entropy
-    return loss, {
-        "loss/total": loss,
-        "loss/policy": policy_loss,
-        "loss/value": value_loss,
-        "loss/kl_prior": regularizer,
-        "encoder/entropy": entropy,
-        "encoder/clip_fraction": clip_fraction,
-        "encoder/approx_kl": approx_kl,
-        **critic_metrics,
-    }
+    return loss, {"loss/total": loss, "loss/policy": policy_loss, "loss/value": value_loss, "loss/kl_prior": regularizer,
+                  "encoder/entropy": entropy, "encoder/clip_fraction": clip_fraction, "encoder/approx_kl": approx_kl,
+                  **critic_metrics}
 
 
 def stage_hyperparameters(args: Args, stage: int):

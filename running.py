@@ -123,6 +123,37 @@ def choice_checks(args) -> list[tuple[bool, str]]:
     return checks
 
 
+def positive_checks(args, *names: str) -> list[tuple[bool, str]]:
+    """One check: the flags `names` are positive (a None, "all" or "the task's", passes)."""
+    bad = [n for n in names if getattr(args, n) is not None and not getattr(args, n) > 0]
+    return [(not bad, f"{', '.join('--' + n.replace('_', '-') for n in bad)} must be positive")]
+
+
+def staged_checks(args, steps_per_iteration: int) -> list[tuple[bool, str]]:
+    """The checks the staged PPO scripts (GoRL-FM, GoRL-Diffusion) share: the stages' budgets,
+    the per-stage values, the refinement's data and selection flags, a frozen decoder's file."""
+    episodes = args.refine_episodes
+    held_out = max(1, int(episodes * args.refine_val_fraction))
+    return [
+        (len(args.stage_steps) >= 1, "--stage-steps needs at least one stage"),
+        (all(n >= steps_per_iteration for n in args.stage_steps),
+         f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
+         f"({steps_per_iteration:,} steps = batch_size * num_minibatches * unroll_length)"),
+        *[(len(values) >= 1 and min(values) >= 0, f"--{name.replace('_', '-')} needs one or more values >= 0, got {values}")
+          for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta") for values in [getattr(args, name)]],
+        *positive_checks(args, "refine_envs", "refine_episodes", "refine_batch_size", "refine_draws", "refine_eval_every",
+                         "refine_val_size"),
+        (episodes % max(args.refine_envs or episodes, 1) == 0,
+         f"--refine-episodes {episodes} must be a multiple of --refine-envs {args.refine_envs}"),
+        (0 < args.refine_val_fraction < 1 and held_out < episodes,
+         f"--refine-val-fraction {args.refine_val_fraction} must hold out at least one of the "
+         f"{episodes} refinement episodes and leave at least one for training"),
+        (args.decoder_target_clip >= 0, "--decoder-target-clip must be >= 0 (0: no clip)"),
+        (args.frozen_decoder is None or os.path.isfile(args.frozen_decoder),
+         f"--frozen-decoder {args.frozen_decoder!r} is not a file (expected runs/.../checkpoints/stageK.npz)"),
+    ]
+
+
 def ppo_layout_checks(args) -> list[tuple[bool, str]]:
     """The flag checks every PPO-family script shares (the choice flags, episode length, batch
     layout, update form, evaluation), for `check_args`: one iteration is batch_size *

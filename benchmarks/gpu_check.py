@@ -150,7 +150,7 @@ def main(argv=None):
                                                        "--timed-steps", "200"]),
                   ("64 envs at a time (256 episodes; x16 for 4096)",
                    ["--env-name", "HopperStand", "--refine-episodes", "256", "--refine-envs", "64", "--collect-only"])]
-        tests = ["tests/test_common.py", "tests/test_wiring.py", "tests/test_fpo.py", "tests/test_dppo.py",
+        tests = ["tests/test_common.py", "tests/test_running.py", "tests/test_wiring.py", "tests/test_fpo.py", "tests/test_dppo.py",
                  "tests/test_gorl_fm.py"]
     budget_steps = 3 * iteration
 

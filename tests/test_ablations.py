@@ -2,7 +2,7 @@
 
   --refine-latents encoder  the decoder is refined on the encoder's own latents (Fig. 4a)
   --no-encoder-reset        the encoder keeps training across stages (Fig. 4b)
-  --kl-beta/--stage0-kl-beta the weight of KL(encoder || N(0, I)) in the loss (paper 001, Fig. 5)
+  --kl-beta the weight of KL(encoder || N(0, I)) in the loss, per stage (paper 001, Fig. 5)
   --frozen-decoder PATH     a fresh encoder against a decoder frozen from a saved stage (Fig. 5)
 
 The two staged runs below go through gorl_fm.main() itself, on the pure-JAX two-mode bandit of

@@ -240,7 +240,7 @@ def test_refinement_collects_all_episodes_at_once_by_default():
 @pytest.mark.parametrize("env_name, expected", [
     ("FingerSpin", dict(discount=0.95, refine_metric="val_endpoint_mse", max_grad_norm=(0.5, 0.5))),
     ("BallInCup", dict(discount=0.95)),
-    ("FingerTurnHard", dict(max_grad_norm=(0.5, 1.0), discount=0.995)),
+    ("FingerTurnHard", dict(max_grad_norm=(0.5, 1.0), kl_beta=(5e-4, 1e-3, 1e-3, 1e-2), discount=0.995)),
     ("WalkerWalk", dict(max_grad_norm=(0.5, 1.0), kl_beta=(5e-4, 3e-3))),
     ("HopperStand", dict(decoder_hidden=(64,) * 4, decoder_target_clip=0.0)),
     ("HumanoidRun", dict(stage_steps=(60_000_000, 60_000_000), bounded_latent=True, clip_eps=(0.3,), matmul_precision="highest",
