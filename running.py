@@ -655,13 +655,16 @@ class Runs:
     def __init__(self, args, algo: str, total_steps: int = 0, default_exp_name: str | None = None):
         self.algo, self.total_steps = algo, total_steps  # the script, and the steps for the progress line
         self.started = time.time()
-        self._timing: dict = {"seconds": [], "steps_per_second": math.nan}
         if args.resume:
             per_seed = [args_from_run(type(args), d, resume=d) for d in self._group(args.resume)]
         else:
             first = args.seed + jax.process_index() * args.num_seeds
             per_seed = [dataclasses.replace(args, seed=first + i) for i in range(args.num_seeds)]
         self.seeds = [a.seed for a in per_seed]
+        # What `timed` measured and `log_iteration` last saw, for the progress line.
+        self._iteration_seconds: list[float] = []
+        self._steps_per_second = math.nan
+        self._last_train_return = self._last_eval_return = np.full(len(self.seeds), np.nan)
         self.devices = jax.local_devices()
         self.layout = device_layout(len(self.seeds), args.num_envs, len(self.devices))
         self.mesh = jax.sharding.Mesh(np.array(self.devices), ("devices",)) if self.layout else None
@@ -764,7 +767,7 @@ class Runs:
         returning its metrics on the host (numpy) and timing it for `log_iteration`. Its first
         call compiles: before it, a notice says what the wait is; after the second, how long
         compiling took."""
-        seconds = self._timing["seconds"]
+        seconds = self._iteration_seconds
 
         def timed_iterate(carry, key):
             if not seconds:
@@ -776,7 +779,7 @@ class Runs:
             if len(seconds) == 2 and seconds[0] > 2 * seconds[1]:
                 print(f"the first iteration took {seconds[0]:.0f} s, the second {seconds[1]:.0f} s: "
                       f"compilation took about {seconds[0] - seconds[1]:.0f} s", flush=True)
-            self._timing["steps_per_second"] = steps_per_iteration / seconds[-1]  # each seed's
+            self._steps_per_second = steps_per_iteration / seconds[-1]  # each seed's
             return carry, metrics
 
         return timed_iterate
@@ -787,19 +790,17 @@ class Runs:
         stage are added; the progress line follows (always after an evaluation)."""
         where = f"stage {stage}, " if stage is not None else ""
         check_finite({k: v for k, v in metrics.items() if k.startswith("loss/")}, f"{where}step {step:,}")
-        sps = self._timing["steps_per_second"]
-        metrics = {**metrics, "perf/steps_per_second": sps, **({"stage": stage} if stage is not None else {})}
-        nan = np.full(len(self.seeds), np.nan)
+        stage_field = {"stage": stage} if stage is not None else {}
+        metrics = {**metrics, "perf/steps_per_second": self._steps_per_second, **stage_field}
         if "train/episode_return" in metrics:  # NaN until an episode ends: keep the last value
-            last = self._timing.get("train_return", nan)
-            self._timing["train_return"] = np.where(np.isfinite(metrics["train/episode_return"]),
-                                                    metrics["train/episode_return"], last)
+            new = metrics["train/episode_return"]
+            self._last_train_return = np.where(np.isfinite(new), new, self._last_train_return)
         evaluated = "eval/return" in metrics
         if evaluated:
-            self._timing["eval_return"] = np.asarray(metrics["eval/return"], dtype=float)
+            self._last_eval_return = np.asarray(metrics["eval/return"], dtype=float)
         self.log(step, metrics)
-        self.progress(step, self.total_steps, sps * len(self.seeds), force=evaluated, **({"stage": stage} if stage is not None else {}),
-                      train_return=self._timing.get("train_return", nan), eval_return=self._timing.get("eval_return", nan))
+        self.progress(step, self.total_steps, self._steps_per_second * len(self.seeds), force=evaluated, **stage_field,
+                      train_return=self._last_train_return, eval_return=self._last_eval_return)
 
     def log(self, step: int, metrics: dict) -> None:
         """One metrics.csv row per seed: seed i gets element i of each per-seed value (a scalar
