@@ -235,9 +235,10 @@ def validate(args: Args) -> None:
 
 def refine_steps(args: Args) -> int:
     """Decoder gradient steps of one refinement: refine_epochs passes over the training episodes
-    in batches of refine_batch_size (the release's count), rounded down to whole validation intervals."""
+    in batches of refine_batch_size (the release's count), rounded down to whole validation intervals.
+    Episodes are --episode-length steps long (main() records the environment's length there)."""
     episodes = args.refine_episodes
-    train = (episodes - max(1, int(episodes * args.refine_val_fraction))) * common.EPISODE_LENGTH
+    train = (episodes - max(1, int(episodes * args.refine_val_fraction))) * (args.episode_length or common.EPISODE_LENGTH)
     steps = args.refine_epochs * (train // max(args.refine_batch_size, 1))
     return steps // max(args.refine_eval_every, 1) * args.refine_eval_every
 

@@ -163,16 +163,13 @@ def ppo_layout_checks(args) -> list[tuple[bool, str]]:
     sequences = args.batch_size * args.num_minibatches
     return [
         *choice_checks(args),
-        (args.episode_length is None or args.episode_length > 0,
-         f"--episode-length must be positive, got {args.episode_length}"),
-        (min(args.num_envs, args.unroll_length, args.batch_size, args.num_minibatches, args.num_epochs) > 0,
-         "--num-envs, --unroll-length, --batch-size, --num-minibatches and --num-epochs must be positive"),
+        *positive_checks(args, "episode_length", "num_envs", "unroll_length", "batch_size", "num_minibatches",
+                         "num_epochs", "eval_every", "num_eval_envs"),
         (sequences % max(args.num_envs, 1) == 0,
          f"--batch-size * --num-minibatches = {sequences} sequences per iteration must be a multiple of "
          f"--num-envs = {args.num_envs}, so that every environment runs whole sequences"),
         (args.advantages != "minibatch" or args.minibatch_unit == "sequence",
          "--advantages minibatch runs GAE along each minibatch's sequences: it needs --minibatch-unit sequence"),
-        (args.eval_every > 0 and args.num_eval_envs > 0, "--eval-every and --num-eval-envs must be positive"),
     ]
 
 

@@ -3,6 +3,7 @@ to the prior, the diffusion loss (Eq. 17), DDIM against its textbook form, a bim
 2-stage smoke run with resume."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -381,6 +382,9 @@ def test_refinement_collects_all_episodes_at_once_by_default():
 def test_refinement_steps_count_epochs_as_released():
     # 4096 episodes, 409 held out: 3,687,000 training transitions, 450 batches of 8192 per epoch.
     assert gd.refine_steps(ARGS) == 50 * 450
+    # Episodes of another length (a user's environment, --episode-length) change the count.
+    short = dataclasses.replace(ARGS, episode_length=500, refine_eval_every=1)
+    assert gd.refine_steps(short) == 50 * (3687 * 500 // 8192)
     humanoid = gd.resolve(gd.Args(env_name="HumanoidRun"))
     assert humanoid.decoder_hidden == (128,) * 4 and humanoid.clip_eps == (0.3,) and humanoid.bounded_latent
 

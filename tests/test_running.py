@@ -50,6 +50,13 @@ def test_choice_checks_name_the_flag_and_its_choices():
     assert failed == ["--mode must be one of a, b, got 'c'", "--optional must be one of x, y, got 'z'"]
 
 
+def test_ppo_layout_checks_name_exactly_the_flags_that_are_not_positive():
+    failed = lambda **bad: [m for ok, m in running.ppo_layout_checks(dataclasses.replace(ppo.Args(), **bad)) if not ok]
+    assert failed() == []
+    assert failed(num_epochs=0, eval_every=-1) == ["--num-epochs, --eval-every must be positive"]
+    assert failed(episode_length=0) == ["--episode-length must be positive"]
+
+
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_every_choice_flag_is_a_literal_that_tyro_and_validate_refuse(name, capsys):
     module = SCRIPTS[name]
