@@ -736,6 +736,7 @@ def main(args: Args, env=None) -> None:
     args = running.start(args, Args, resolve, validate)  # --resume's flags, the task's values, checked
     env = common.make_env(make_env(args) if env is None else env, args.impl, args.episode_length)
     args = dataclasses.replace(args, episode_length=env.episode_length)  # recorded in config.json
+    validate(args)  # again at the environment's episode length: it sets a refinement's step count
     per_iter, num_stages = steps_per_iteration(args), len(args.stage_steps)
     stage_end = [sum(iterations_in_stage(args, m) for m in range(k + 1)) * per_iter for k in range(num_stages)]
     runs = running.Runs(args, "gorl_diffusion", total_steps=stage_end[-1], default_exp_name=experiment_name(args))

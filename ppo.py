@@ -273,6 +273,7 @@ def main(args: Args, env=None) -> None:
     )
     per_iter = steps_per_iteration(args)
     runs = running.Runs(args, "ppo", total_steps=args.total_timesteps)  # a run folder per seed
+    saved = runs.resume_latest() if args.resume else None  # before compiling: a folder without one is an error
 
     def init(key):
         key, k_init, k_env = jax.random.split(key, 3)
@@ -293,8 +294,7 @@ def main(args: Args, env=None) -> None:
     state, key = init(runs.keys())
 
     step = 0
-    if args.resume:
-        saved = runs.resume_latest()
+    if saved:
         state = state._replace(params=saved["params"], opt_state=saved["opt_state"], norm=saved["norm"])
         key, step = saved["key"], int(saved["step"])
 

@@ -122,7 +122,7 @@ TINY = {
                     refine_episodes=4, refine_steps=20, refine_eval_every=10, refine_batch_size=64, refine_val_size=64,
                     eval_every=80, num_eval_envs=4, episode_length=20),
     "gorl_diffusion": dict(num_envs=8, batch_size=8, num_minibatches=2, unroll_length=5, num_epochs=1,
-                           stage_steps=(80, 80), refine_episodes=4, refine_epochs=1, refine_batch_size=16,
+                           stage_steps=(80, 80), refine_episodes=4, refine_epochs=4, refine_batch_size=16, refine_eval_every=10,
                            eval_every=80, num_eval_envs=4, episode_length=20),
     "gorl_sac": dict(num_envs=4, stage_steps=(40, 40), chunk_length=10, batch_size=16, learning_starts=8,
                      buffer_size=400, refine_envs=2, refine_iterations=1, refine_batch_size=16, eval_every=40,

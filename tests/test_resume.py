@@ -26,7 +26,8 @@ LAYOUT = dict(env_name="CartpoleBalance", num_envs=4, batch_size=4, num_minibatc
               num_epochs=2, encoder_hidden=(16,), critic_hidden=(16,), decoder_hidden=(16,),
               stage_steps=(112, 224), eval_every=56, num_eval_envs=4, refine_episodes=2, refine_batch_size=500,
               refine_draws=2, refine_val_size=1000, refine_eval_every=10)
-FLAGS = {gorl_fm: dict(LAYOUT, refine_steps=20), gorl_diffusion: dict(LAYOUT, refine_epochs=5, learning_rate=(1e-3, 3e-4))}
+FLAGS = {gorl_fm: dict(LAYOUT, refine_steps=20), gorl_diffusion: dict(LAYOUT, refine_epochs=10, refine_batch_size=7,
+                                                                            learning_rate=(1e-3, 3e-4))}
 ON_CPU = jax.default_backend() == "cpu"
 
 
