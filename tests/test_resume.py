@@ -48,6 +48,7 @@ def columns(run_dir, names=("eval/return", "loss/total", "refine/prior_latent_re
     return {(int(r["step"]), k): float(r[k]) for r in rows(run_dir) for k in names if r.get(k)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ON_CPU, reason="bit-equal reproduction is a CPU property")
 @pytest.mark.parametrize("module", [gorl_fm, gorl_diffusion], ids=lambda m: m.__name__)
 def test_a_run_stopped_inside_a_stage_resumes_inside_it(module, fake_task, tmp_path, monkeypatch, capsys):

@@ -98,6 +98,7 @@ def assert_same_runs(group: dict, alone: dict):
 
 
 @on_cpu
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "gorl_fm"])
 def test_two_seeds_in_one_process_are_two_single_seed_runs(algo, trained):
     group = trained(algo, "group")
@@ -107,6 +108,7 @@ def test_two_seeds_in_one_process_are_two_single_seed_runs(algo, trained):
 
 
 @on_cpu
+@pytest.mark.slow
 def test_resume_of_a_group_resumes_every_seed(trained, tmp_path, capsys):
     shutil.copytree(trained("gorl_fm", "group"), tmp_path, dirs_exist_ok=True)
     before = eval_returns(tmp_path)
