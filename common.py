@@ -152,10 +152,12 @@ def normalizer_init(size) -> Normalizer:
     return Normalizer(jnp.zeros(()), jnp.zeros(size), jnp.zeros(size))
 
 
-def normalizer_update(norm: Normalizer, batch: jax.Array) -> Normalizer:
-    """Merge a batch (any leading shape) into the statistics without summing raw squares."""
+def normalizer_update(norm: Normalizer, batch: jax.Array, keep_variance: bool = True) -> Normalizer:
+    """Merge a batch (any leading shape) into the statistics without summing raw squares.
+    keep_variance=False is the release's `legacy_batch_only` (GoRL-FM on FishSwim): the squared
+    deviations of earlier batches are dropped while the count keeps growing, so the std shrinks."""
     if isinstance(norm, dict):
-        return {k: normalizer_update(norm[k], batch[k]) for k in norm}
+        return {k: normalizer_update(norm[k], batch[k], keep_variance) for k in norm}
     batch = batch.reshape(-1, norm.mean.shape[-1])
     n_b = batch.shape[0]
     mean_b = batch.mean(axis=0)
@@ -163,7 +165,7 @@ def normalizer_update(norm: Normalizer, batch: jax.Array) -> Normalizer:
     count = norm.count + n_b
     delta = mean_b - norm.mean
     mean = norm.mean + delta * n_b / count
-    m2 = norm.m2 + m2_b + delta**2 * norm.count * n_b / count
+    m2 = (norm.m2 if keep_variance else 0.0) + m2_b + delta**2 * norm.count * n_b / count
     return Normalizer(count, mean, m2)
 
 

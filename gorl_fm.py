@@ -73,8 +73,10 @@ class Args(running.RunFlags):
     """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
     gae_form: Literal["standard", "release"] = "standard"
     """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
-    normalizer_update: Literal["after", "before"] = "after"
-    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
+    normalizer_update: Literal["after", "before"] | None = None
+    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order); None: the task's (after; before on FishSwim, as released)"""
+    normalizer_variance: Literal["running", "batch"] | None = None
+    """the normalizer's variance: running (over every observation so far) or batch (the release's FishSwim setting: each update keeps only the newest batch's squared deviations, over the growing count); None: the task's (running; batch on FishSwim)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     clip_eps: tuple[float, ...] | None = None
@@ -172,6 +174,7 @@ TASK_DEFAULTS = {
     "clip_eps": (0.15, 0.3), "max_grad_norm": (0.5, 0.5), "kl_beta": (5e-4, 1e-3), "bounded_latent": False,
     "decoder_hidden": (128, 128, 128, 128), "action_semantics": "pre_squash", "refine_episodes": 4096,
     "decoder_target_clip": 3.0, "refine_metric": "val_loss", "deterministic_eval": True,
+    "normalizer_update": "after", "normalizer_variance": "running",
 }
 # The humanoid profile (paper 002's 21-D HumanoidStand / HumanoidRun) bounds the latent, clips
 # the ratio at 0.3 in every stage, regresses the decoder onto the environment's (bounded)
@@ -181,7 +184,8 @@ HUMANOID = {"bounded_latent": True, "clip_eps": (0.3,), "refine_episodes": 1024,
 TASK_SETTINGS = {
     "FingerSpin": {"refine_metric": "val_endpoint_mse"},
     "FingerTurnHard": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 1e-3, 1e-3, 1e-2)},
-    "FishSwim": {"refine_metric": "val_endpoint_mse"},
+    # FishSwim's encoder normalizer as released (configs/tasks/FishSwim.toml, observation_stats_*).
+    "FishSwim": {"refine_metric": "val_endpoint_mse", "normalizer_update": "before", "normalizer_variance": "batch"},
     "WalkerWalk": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 3e-3)},
     "HopperStand": {"decoder_hidden": (64, 64, 64, 64), "decoder_target_clip": 0.0},
     "HumanoidStand": {**HUMANOID, "refine_episodes": 128},
@@ -413,9 +417,10 @@ def make_train_iteration(env, optimizer, args: Args):
 
         env_state, data = common.rollout(env, state.env_state, policy, k_rollout, rollout_steps,
                                          fresh_start_states=args.fresh_start_states)
+        keep_variance = args.normalizer_variance != "batch"
         if args.normalizer_update == "before":
             # Brax's order: the epochs see statistics that include this rollout (ratio not 1 at first).
-            norm = common.normalizer_update(norm, data["obs"])
+            norm = common.normalizer_update(norm, data["obs"], keep_variance)
         batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
                                        latent=data["latent"], log_prob=data["log_prob"])
         (params, opt_state, _), metrics = common.minibatch_sgd(
@@ -424,8 +429,8 @@ def make_train_iteration(env, optimizer, args: Args):
         )
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
         metrics["train/action_abs_mean"] = jnp.abs(jnp.tanh(data["action"])).mean()
-        if args.normalizer_update == "after":  # (so the epochs' first ratio is exactly 1)
-            norm = common.normalizer_update(norm, data["obs"])
+        if args.normalizer_update != "before":  # after (so the epochs' first ratio is exactly 1)
+            norm = common.normalizer_update(norm, data["obs"], keep_variance)
         state = state._replace(params=params, opt_state=opt_state, env_state=env_state, norm=norm)
         return state, metrics
 

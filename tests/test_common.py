@@ -175,6 +175,28 @@ def test_normalizer_matches_numpy_over_a_stream_of_batches():
     np.testing.assert_allclose(common.normalize(norm, x.astype(np.float32)), want, rtol=1e-3, atol=1e-3)
 
 
+def test_normalizer_without_kept_variance_is_the_releases_batch_only_welford_update():
+    """The release's `update_legacy_batch_only` (GoRL-FM on FishSwim), written out as its
+    Welford step: the mean and count run over everything, the variance sum restarts at each batch."""
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(size=(n, 2)).astype(np.float32) * [1.0, 3.0] + [i, -i] for i, n in enumerate((5, 40, 40, 40))]
+    count, mean, var_sum = 0.0, np.zeros(2), np.zeros(2)
+    norm = common.normalizer_init(2)
+    for b in batches:
+        x = b.astype(np.float64)
+        count += len(x)
+        new_mean = mean + (x - mean).sum(0) / count
+        var_sum = ((x - mean) * (x - new_mean)).sum(0)  # the earlier batches' sum dropped
+        mean = new_mean
+        norm = common.normalizer_update(norm, b, keep_variance=False)
+        np.testing.assert_allclose(norm.mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(norm.m2, var_sum, rtol=1e-4)
+    assert float(norm.count) == count
+    # The std is the newest batch's spread over all observations: far below the data's.
+    everything = np.concatenate(batches)
+    assert np.all(np.sqrt(norm.m2 / norm.count) < 0.7 * everything.std(0))
+
+
 def test_normalize_before_any_data_is_identity():
     x = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32) * 100
     np.testing.assert_array_equal(common.normalize(common.normalizer_init(4), x), x)

@@ -122,6 +122,16 @@ def test_normalizer_update_before_moves_the_ratio_in_every_script(algo):
     assert float(metrics[f"{prefix}/approx_kl"]) > 1e-6
 
 
+def test_gorl_fm_batch_variance_drops_the_earlier_squared_deviations():
+    """--normalizer-variance batch (the release's FishSwim setting) reaches the iteration: the
+    same update, less the variance sum the state held before it."""
+    _, before, running_after, _, _ = run_one_iteration("gorl_fm", normalizer_variance="running")
+    _, _, batch_after, _, _ = run_one_iteration("gorl_fm", normalizer_variance="batch")
+    np.testing.assert_allclose(batch_after.norm.mean, running_after.norm.mean, rtol=1e-6)
+    np.testing.assert_allclose(batch_after.norm.m2, running_after.norm.m2 - before.norm.m2, rtol=1e-4, atol=1e-3)
+    assert float(before.norm.m2.min()) > 1.0  # so the difference is visible
+
+
 def test_normalizer_update_before_the_epochs_moves_the_ratio():
     """Brax's order: the epochs see observations normalized with statistics that include the
     rollout, so even at learning rate 0 the ratios are not 1."""
