@@ -65,8 +65,8 @@ class Args(running.RunFlags):
     """GAE lambda"""
     vf_coef: float = 0.25
     """value loss coefficient: the value loss is vf_coef * mean((V - target)^2)"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient of the latent policy"""
+    ent_coef: tuple[float, ...] = (0.01,)
+    """entropy bonus weight of the latent policy, per stage (the last value for every later stage)"""
     advantages: Literal["rollout", "minibatch"] = "rollout"
     """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
     minibatch_unit: Literal["transition", "sequence"] = "transition"
@@ -374,18 +374,18 @@ def latent_ppo_loss(params, batch, hp, args: Args):
     regularizer = common.latent_regularizer(mean, scale, args.latent_regularizer)
     value_loss = jnp.mean((values - target) ** 2)
     entropy = common.gaussian_entropy(scale).mean()
-    loss = policy_loss + hp["kl_beta"] * regularizer + args.vf_coef * value_loss - args.ent_coef * entropy
+    loss = policy_loss + hp["kl_beta"] * regularizer + args.vf_coef * value_loss - hp["ent_coef"] * entropy
     return loss, {"loss/total": loss, "loss/policy": policy_loss, "loss/value": value_loss, "loss/kl_prior": regularizer,
                   "encoder/entropy": entropy, "encoder/clip_fraction": clip_fraction, "encoder/approx_kl": approx_kl,
                   **critic_metrics}
 
 
 def stage_hyperparameters(args: Args, stage: int):
-    """The stage's learning rate, clip, gradient-norm clip and KL weight (stage 0 trains more
+    """The stage's learning rate, clip, gradient-norm clip, KL and entropy weights (stage 0 trains more
     conservatively, as released). Arrays, not Python floats, so that changing them between
     stages does not recompile the training iteration."""
     return {name: jnp.float32(running.per_stage(getattr(args, name), stage))
-            for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta")}
+            for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta", "ent_coef")}
 
 
 def clip_by_global_norm(grads, max_norm):

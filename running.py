@@ -140,7 +140,8 @@ def staged_checks(args, steps_per_iteration: int) -> list[tuple[bool, str]]:
          f"every stage in --stage-steps {list(args.stage_steps)} must hold at least one iteration "
          f"({steps_per_iteration:,} steps = batch_size * num_minibatches * unroll_length)"),
         *[(len(values) >= 1 and min(values) >= 0, f"--{name.replace('_', '-')} needs one or more values >= 0, got {values}")
-          for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta") for values in [getattr(args, name)]],
+          for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta", "ent_coef")
+          for values in [getattr(args, name)]],
         *positive_checks(args, "refine_envs", "refine_episodes", "refine_batch_size", "refine_draws", "refine_eval_every",
                          "refine_val_size"),
         (episodes % max(args.refine_envs or episodes, 1) == 0,

@@ -358,7 +358,7 @@ def test_smoke_run_two_stages_and_resume(tmp_path):
 RELEASED_DIFFUSION = dict(
     stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), num_envs=2048, unroll_length=30,
     batch_size=1024, num_minibatches=32, num_epochs=16, learning_rate=(1e-3, 3e-4, 1e-4), discount=0.995,
-    gae_lambda=0.95, vf_coef=0.25, ent_coef=0.01, reward_scaling=10.0, clip_eps=(0.15,), max_grad_norm=(0.5,),
+    gae_lambda=0.95, vf_coef=0.25, ent_coef=(0.01,), reward_scaling=10.0, clip_eps=(0.15,), max_grad_norm=(0.5,),
     kl_beta=(5e-4, 1e-3), encoder_reset=False,
     decoder_hidden=(64,) * 4, diffusion_steps=10, noise_schedule="linear", refine_episodes=4096,
     refine_epochs=50, refine_batch_size=8192, refine_draws=8, refine_learning_rate=3e-4, pairwise_weight=1e-3,
@@ -387,6 +387,27 @@ def test_refinement_steps_count_epochs_as_released():
     assert gd.refine_steps(short) == 50 * (3687 * 500 // 8192)
     humanoid = gd.resolve(gd.Args(env_name="HumanoidRun"))
     assert humanoid.decoder_hidden == (128,) * 4 and humanoid.clip_eps == (0.3,) and humanoid.bounded_latent
+
+
+def test_fishswim_lowers_the_entropy_weight_in_stage_3_as_released():
+    """configs/tasks/FishSwim.toml: [method_overrides.gorl_diffusion.ppo.stage3] entropy_cost 0.005."""
+    fish = gd.resolve(gd.Args(env_name="FishSwim"))
+    assert [float(gd.stage_hyperparameters(fish, m)["ent_coef"]) for m in range(5)] == pytest.approx(
+        [0.01, 0.01, 0.01, 0.005, 0.005])
+    assert ARGS.ent_coef == (0.01,)
+    # The stage's weight is the one in the loss: -ent_coef * entropy.
+    obs, latent = 3, 2
+    params = {"encoder": gd.init_encoder(jax.random.PRNGKey(0), obs, latent, fish),
+              "critic": common.mlp_init(jax.random.PRNGKey(1), [obs, 16, 1])}
+    rng = np.random.default_rng(0)
+    batch = {"obs": jnp.asarray(rng.normal(size=(32, obs)), jnp.float32),
+             "latent": jnp.asarray(rng.normal(size=(32, latent)), jnp.float32),
+             "log_prob": jnp.zeros(32), "advantage": jnp.asarray(rng.normal(size=32), jnp.float32), "target": jnp.zeros(32)}
+    hp = gd.stage_hyperparameters(fish, 3)
+    loss, metrics = gd.latent_ppo_loss(params, batch, hp, fish)
+    loss_without, _ = gd.latent_ppo_loss(params, batch, dict(hp, ent_coef=jnp.float32(0.0)), fish)
+    assert abs(float(metrics["encoder/entropy"])) > 0.5
+    np.testing.assert_allclose(float(loss_without - loss), 0.005 * float(metrics["encoder/entropy"]), rtol=1e-4)
 
 
 def test_each_stage_gets_its_learning_rate_without_a_recompile():

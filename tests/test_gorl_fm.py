@@ -214,7 +214,7 @@ def test_bounded_latent_and_bounded_actions():
 RELEASED_FM = dict(
     stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), num_envs=2048, unroll_length=30, batch_size=1024,
     num_minibatches=32, num_epochs=16, learning_rate=(1e-3,), discount=0.995, gae_lambda=0.95, vf_coef=0.25,
-    ent_coef=0.01, reward_scaling=10.0, clip_eps=(0.15, 0.3), max_grad_norm=(0.5, 0.5), kl_beta=(5e-4, 1e-3),
+    ent_coef=(0.01,), reward_scaling=10.0, clip_eps=(0.15, 0.3), max_grad_norm=(0.5, 0.5), kl_beta=(5e-4, 1e-3),
     bounded_latent=False, encoder_hidden=(32,) * 4,
     critic_hidden=(256,) * 5, decoder_hidden=(128,) * 4, flow_steps=10, action_semantics="pre_squash",
     refine_episodes=4096, refine_steps=50_000, refine_batch_size=8192, refine_draws=8,

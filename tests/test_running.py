@@ -79,12 +79,13 @@ def test_per_stage_values_hold_their_last_value():
 @pytest.mark.parametrize("module", [gorl_fm, gorl_diffusion], ids=lambda m: m.__name__)
 def test_per_stage_flags_reach_the_stage_hyperparameters(module):
     args = module.resolve(module.Args(env_name="CartpoleBalance", learning_rate=(1e-3, 2e-4), clip_eps=(0.1, 0.2, 0.4),
-                                      max_grad_norm=(0.5,), kl_beta=(1e-4, 2e-4, 3e-4, 4e-4)))
+                                      max_grad_norm=(0.5,), kl_beta=(1e-4, 2e-4, 3e-4, 4e-4), ent_coef=(0.02, 0.0)))
     hp = [module.stage_hyperparameters(args, m) for m in range(4)]
     assert [float(h["learning_rate"]) for h in hp] == pytest.approx([1e-3, 2e-4, 2e-4, 2e-4])
     assert [float(h["clip_eps"]) for h in hp] == pytest.approx([0.1, 0.2, 0.4, 0.4])
     assert [float(h["max_grad_norm"]) for h in hp] == pytest.approx([0.5] * 4)
     assert [float(h["kl_beta"]) for h in hp] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
+    assert [float(h["ent_coef"]) for h in hp] == pytest.approx([0.02, 0.0, 0.0, 0.0])
     with pytest.raises(SystemExit, match="--clip-eps needs one or more values"):
         module.validate(dataclasses.replace(args, clip_eps=()))
 

@@ -160,7 +160,7 @@ def test_the_stage_settings_in_the_state_are_the_ones_applied(module):
     state = gorl_state(module, args, env, optimizer, optimizer.init)
     iteration = jax.jit(module.make_train_iteration(env, optimizer, args))
     free = {"learning_rate": jnp.float32(1e-2), "clip_eps": jnp.float32(10.0), "max_grad_norm": jnp.float32(1e6),
-            "kl_beta": jnp.float32(0.0)}
+            "kl_beta": jnp.float32(0.0), "ent_coef": jnp.float32(0.01)}
 
     def run(**hp):
         after, metrics = iteration(state._replace(hp={**free, **hp}), jax.random.PRNGKey(2))
