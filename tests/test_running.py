@@ -302,6 +302,22 @@ def test_args_from_run(tmp_path):
         running.args_from_run(FakeArgs, str(tmp_path / "missing"))
 
 
+def test_a_run_from_before_a_flag_became_per_stage_resumes_with_it_in_every_stage(tmp_path):
+    """GoRL's ent_coef was one number before it became per stage: an older config.json's value
+    holds for every stage."""
+    args = gorl_diffusion.Args(env_name="CartpoleBalance", runs_dir=str(tmp_path))
+    run = running.Run(args, "gorl_diffusion")
+    run.close()
+    path = os.path.join(run.dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(dict(config, ent_coef=0.02, vf_coef=0.5), f)
+    resumed = running.args_from_run(gorl_diffusion.Args, run.dir)
+    assert resumed.ent_coef == (0.02,) and resumed.vf_coef == 0.5  # a plain float flag stays a float
+    assert float(gorl_diffusion.stage_hyperparameters(gorl_diffusion.resolve(resumed), 3)["ent_coef"]) == pytest.approx(0.02)
+
+
 def test_checkpoint_round_trip(tmp_path):
     tree = {
         "params": [{"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}],
