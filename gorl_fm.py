@@ -57,8 +57,8 @@ class Args(running.RunFlags):
     """minibatches per epoch; one iteration collects batch_size * num_minibatches sequences"""
     num_epochs: int = 16
     """optimization epochs over each iteration's data"""
-    learning_rate: tuple[float, ...] = (1e-3,)
-    """Adam learning rate of the encoder and critic, per stage (the last value for every later stage)"""
+    learning_rate: tuple[float, ...] | None = None
+    """Adam learning rate of the encoder and critic, per stage (the last value for every later stage); None: the task's (1e-3; 3e-4 in stage 3 on WalkerWalk)"""
     discount: float | None = None
     """discount factor gamma; None: the task's value (0.995; 0.95 on FingerSpin and BallInCup)"""
     gae_lambda: float = 0.95
@@ -174,7 +174,7 @@ TASK_DEFAULTS = {
     "clip_eps": (0.15, 0.3), "max_grad_norm": (0.5, 0.5), "kl_beta": (5e-4, 1e-3), "bounded_latent": False,
     "decoder_hidden": (128, 128, 128, 128), "action_semantics": "pre_squash", "refine_episodes": 4096,
     "decoder_target_clip": 3.0, "refine_metric": "val_loss", "deterministic_eval": True,
-    "normalizer_update": "after", "normalizer_variance": "running",
+    "normalizer_update": "after", "normalizer_variance": "running", "learning_rate": (1e-3,),
 }
 # The humanoid profile (paper 002's 21-D HumanoidStand / HumanoidRun) bounds the latent, clips
 # the ratio at 0.3 in every stage, regresses the decoder onto the environment's (bounded)
@@ -186,7 +186,7 @@ TASK_SETTINGS = {
     "FingerTurnHard": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 1e-3, 1e-3, 1e-2)},
     # FishSwim's encoder normalizer as released (configs/tasks/FishSwim.toml, observation_stats_*).
     "FishSwim": {"refine_metric": "val_endpoint_mse", "normalizer_update": "before", "normalizer_variance": "batch"},
-    "WalkerWalk": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 3e-3)},
+    "WalkerWalk": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 3e-3), "learning_rate": (1e-3, 1e-3, 1e-3, 3e-4)},
     "HopperStand": {"decoder_hidden": (64, 64, 64, 64), "decoder_target_clip": 0.0},
     "HumanoidStand": {**HUMANOID, "refine_episodes": 128},
     "HumanoidRun": HUMANOID,

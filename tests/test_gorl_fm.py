@@ -241,7 +241,8 @@ def test_refinement_collects_all_episodes_at_once_by_default():
     ("FingerSpin", dict(discount=0.95, refine_metric="val_endpoint_mse", max_grad_norm=(0.5, 0.5))),
     ("BallInCup", dict(discount=0.95)),
     ("FingerTurnHard", dict(max_grad_norm=(0.5, 1.0), kl_beta=(5e-4, 1e-3, 1e-3, 1e-2), discount=0.995)),
-    ("WalkerWalk", dict(max_grad_norm=(0.5, 1.0), kl_beta=(5e-4, 3e-3))),
+    # configs/tasks/WalkerWalk.toml: later stages' clip and KL weight, stage 3's learning rate.
+    ("WalkerWalk", dict(max_grad_norm=(0.5, 1.0), kl_beta=(5e-4, 3e-3), learning_rate=(1e-3, 1e-3, 1e-3, 3e-4))),
     ("HopperStand", dict(decoder_hidden=(64,) * 4, decoder_target_clip=0.0)),
     ("HumanoidRun", dict(stage_steps=(60_000_000, 60_000_000), bounded_latent=True, clip_eps=(0.3,), matmul_precision="highest",
                          action_semantics="bounded", decoder_target_clip=1.0, refine_episodes=1024,
