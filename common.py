@@ -152,10 +152,11 @@ def normalizer_init(size) -> Normalizer:
     return Normalizer(jnp.zeros(()), jnp.zeros(size), jnp.zeros(size))
 
 
-def normalizer_update(norm: Normalizer, batch: jax.Array, keep_variance: bool = True) -> Normalizer:
+def normalizer_update(norm: Normalizer, batch: jax.Array, keep_variance=True) -> Normalizer:
     """Merge a batch (any leading shape) into the statistics without summing raw squares.
-    keep_variance=False is the release's `legacy_batch_only` (GoRL-FM on FishSwim): the squared
-    deviations of earlier batches are dropped while the count keeps growing, so the std shrinks."""
+    keep_variance False (or an array 0) is the release's `legacy_batch_only` (GoRL-FM on FishSwim,
+    GoRL-Diffusion's stage 0 on HopperStand): the squared deviations of earlier batches are
+    dropped while the count keeps growing, so the std shrinks."""
     if isinstance(norm, dict):
         return {k: normalizer_update(norm[k], batch[k], keep_variance) for k in norm}
     batch = batch.reshape(-1, norm.mean.shape[-1])
@@ -165,7 +166,7 @@ def normalizer_update(norm: Normalizer, batch: jax.Array, keep_variance: bool = 
     count = norm.count + n_b
     delta = mean_b - norm.mean
     mean = norm.mean + delta * n_b / count
-    m2 = (norm.m2 if keep_variance else 0.0) + m2_b + delta**2 * norm.count * n_b / count
+    m2 = keep_variance * norm.m2 + m2_b + delta**2 * norm.count * n_b / count
     return Normalizer(count, mean, m2)
 
 

@@ -73,10 +73,10 @@ class Args(running.RunFlags):
     """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
     gae_form: Literal["standard", "release"] = "standard"
     """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
-    normalizer_update: Literal["after", "before"] | None = None
-    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order); None: the task's (after; before on FishSwim, as released)"""
-    normalizer_variance: Literal["running", "batch"] | None = None
-    """the normalizer's variance: running (over every observation so far) or batch (the release's FishSwim setting: each update keeps only the newest batch's squared deviations, over the growing count); None: the task's (running; batch on FishSwim)"""
+    normalizer_update: tuple[Literal["after", "before"], ...] | None = None
+    """per stage: update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order); None: the task's (after; before on FishSwim, as released)"""
+    normalizer_variance: tuple[Literal["running", "batch"], ...] | None = None
+    """per stage: the normalizer's variance, running (over every observation so far) or batch (the release's legacy_batch_only: each update keeps only the newest batch's squared deviations, over the growing count); None: the task's (running; batch on FishSwim)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     clip_eps: tuple[float, ...] | None = None
@@ -174,7 +174,7 @@ TASK_DEFAULTS = {
     "clip_eps": (0.15, 0.3), "max_grad_norm": (0.5, 0.5), "kl_beta": (5e-4, 1e-3), "bounded_latent": False,
     "decoder_hidden": (128, 128, 128, 128), "action_semantics": "pre_squash", "refine_episodes": 4096,
     "decoder_target_clip": 3.0, "refine_metric": "val_loss", "deterministic_eval": True,
-    "normalizer_update": "after", "normalizer_variance": "running", "learning_rate": (1e-3,),
+    "normalizer_update": ("after",), "normalizer_variance": ("running",), "learning_rate": (1e-3,),
 }
 # The humanoid profile (paper 002's 21-D HumanoidStand / HumanoidRun) bounds the latent, clips
 # the ratio at 0.3 in every stage, regresses the decoder onto the environment's (bounded)
@@ -185,7 +185,8 @@ TASK_SETTINGS = {
     "FingerSpin": {"refine_metric": "val_endpoint_mse"},
     "FingerTurnHard": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 1e-3, 1e-3, 1e-2)},
     # FishSwim's encoder normalizer as released (configs/tasks/FishSwim.toml, observation_stats_*).
-    "FishSwim": {"refine_metric": "val_endpoint_mse", "normalizer_update": "before", "normalizer_variance": "batch"},
+    "FishSwim": {"refine_metric": "val_endpoint_mse", "normalizer_update": ("before",),
+                 "normalizer_variance": ("batch",)},
     "WalkerWalk": {"max_grad_norm": (0.5, 1.0), "kl_beta": (5e-4, 3e-3), "learning_rate": (1e-3, 1e-3, 1e-3, 3e-4)},
     "HopperStand": {"decoder_hidden": (64, 64, 64, 64), "decoder_target_clip": 0.0},
     "HumanoidStand": {**HUMANOID, "refine_episodes": 128},
@@ -381,11 +382,13 @@ def latent_ppo_loss(params, batch, hp, args: Args):
 
 
 def stage_hyperparameters(args: Args, stage: int):
-    """The stage's learning rate, clip, gradient-norm clip, KL and entropy weights (stage 0 trains more
+    """The stage's learning rate, clip, gradient-norm clip, KL and entropy weights, normalizer settings (stage 0 trains more
     conservatively, as released). Arrays, not Python floats, so that changing them between
     stages does not recompile the training iteration."""
-    return {name: jnp.float32(running.per_stage(getattr(args, name), stage))
-            for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta", "ent_coef")}
+    hp = {name: jnp.float32(running.per_stage(getattr(args, name), stage))
+          for name in ("learning_rate", "clip_eps", "max_grad_norm", "kl_beta", "ent_coef")}
+    return dict(hp, normalizer_before=jnp.float32(running.per_stage(args.normalizer_update, stage) == "before"),
+                normalizer_keep_variance=jnp.float32(running.per_stage(args.normalizer_variance, stage) == "running"))
 
 
 def clip_by_global_norm(grads, max_norm):
@@ -417,11 +420,11 @@ def make_train_iteration(env, optimizer, args: Args):
 
         env_state, data = common.rollout(env, state.env_state, policy, k_rollout, rollout_steps,
                                          fresh_start_states=args.fresh_start_states)
-        keep_variance = args.normalizer_variance != "batch"
-        if args.normalizer_update == "before":
-            # Brax's order: the epochs see statistics that include this rollout (ratio not 1 at first).
-            norm = common.normalizer_update(norm, data["obs"], keep_variance)
-        batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
+        # The statistics with this rollout. In Brax's order ("before") the epochs already see them
+        # (the first ratio is not 1); "after", the next rollout does. The stage's setting is in hp.
+        updated = common.normalizer_update(norm, data["obs"], state.hp["normalizer_keep_variance"])
+        epoch_norm = jax.tree.map(lambda new, old: jnp.where(state.hp["normalizer_before"] > 0, new, old), updated, norm)
+        batch = common.ppo_epochs_data(data, epoch_norm, lambda obs: critic(params["critic"], obs), args,
                                        latent=data["latent"], log_prob=data["log_prob"])
         (params, opt_state, _), metrics = common.minibatch_sgd(
             update, (params, state.opt_state, state.hp), batch, k_sgd, args.num_epochs, args.num_minibatches,
@@ -429,9 +432,7 @@ def make_train_iteration(env, optimizer, args: Args):
         )
         metrics["train/episode_return"], _ = common.completed_episode_return(data)
         metrics["train/action_abs_mean"] = jnp.abs(jnp.tanh(data["action"])).mean()
-        if args.normalizer_update != "before":  # after (so the epochs' first ratio is exactly 1)
-            norm = common.normalizer_update(norm, data["obs"], keep_variance)
-        state = state._replace(params=params, opt_state=opt_state, env_state=env_state, norm=norm)
+        state = state._replace(params=params, opt_state=opt_state, env_state=env_state, norm=updated)
         return state, metrics
 
     return train_iteration

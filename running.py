@@ -114,12 +114,15 @@ def choice_checks(args) -> list[tuple[bool, str]]:
     checks = []
     for name, hint in typing.get_type_hints(type(args)).items():
         options = (hint,) if typing.get_origin(hint) is Literal else typing.get_args(hint)  # X, or X | None
+        per_stage = [arg for arg in options if typing.get_origin(arg) is tuple]  # tuple[Literal[...], ...]
+        options = typing.get_args(per_stage[0]) if per_stage else options
         choices = [c for arg in options if typing.get_origin(arg) is Literal for c in typing.get_args(arg)]
-        if choices:
-            value = getattr(args, name)
-            optional = type(None) in typing.get_args(hint)
-            checks.append((value in choices or (optional and value is None),
-                           f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}"))
+        value = getattr(args, name)
+        if choices and not (value is None and type(None) in typing.get_args(hint)):  # None: the task's value
+            values = value if per_stage and isinstance(value, tuple) and value else (value,)
+            bad = [v for v in values if v not in choices]
+            checks.append((not bad, f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                                    f"got {bad[0] if bad else value!r}"))
     return checks
 
 

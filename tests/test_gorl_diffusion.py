@@ -410,6 +410,18 @@ def test_fishswim_lowers_the_entropy_weight_in_stage_3_as_released():
     np.testing.assert_allclose(float(loss_without - loss), 0.005 * float(metrics["encoder/entropy"]), rtol=1e-4)
 
 
+def test_hopperstand_stage_0_normalizer_is_the_releases_legacy_one():
+    """configs/tasks/HopperStand.toml [method_overrides.gorl_diffusion.ppo.stage0]: the
+    statistics updated before the epochs, the variance of the newest batch only; later stages and
+    other tasks: after the epochs, running."""
+    hopper = gd.resolve(gd.Args(env_name="HopperStand"))
+    hp = [gd.stage_hyperparameters(hopper, m) for m in range(3)]
+    assert [float(h["normalizer_before"]) for h in hp] == [1.0, 0.0, 0.0]
+    assert [float(h["normalizer_keep_variance"]) for h in hp] == [0.0, 1.0, 1.0]
+    cheetah = gd.resolve(gd.Args(env_name="CheetahRun"))
+    assert (cheetah.normalizer_update, cheetah.normalizer_variance) == (("after",), ("running",))
+
+
 def test_each_stage_gets_its_learning_rate_without_a_recompile():
     rates = [float(gd.stage_hyperparameters(ARGS, m)["learning_rate"]) for m in range(4)]
     np.testing.assert_allclose(rates, [1e-3, 3e-4, 1e-4, 1e-4], rtol=1e-6)

@@ -250,9 +250,10 @@ def test_refinement_collects_all_episodes_at_once_by_default():
     ("HumanoidStand", dict(stage_steps=(60_000_000, 60_000_000, 30_000_000, 30_000_000), refine_episodes=128,
                            bounded_latent=True)),
     ("CartpoleBalance", dict(discount=0.995, decoder_hidden=(128,) * 4, deterministic_eval=True,
-                             normalizer_update="after", normalizer_variance="running")),
+                             normalizer_update=("after",), normalizer_variance=("running",))),
     # configs/tasks/FishSwim.toml: observation_stats_timing "legacy_pre_update", accumulation "legacy_batch_only".
-    ("FishSwim", dict(refine_metric="val_endpoint_mse", normalizer_update="before", normalizer_variance="batch")),
+    ("FishSwim", dict(refine_metric="val_endpoint_mse", normalizer_update=("before",),
+                      normalizer_variance=("batch",))),
 ])
 def test_task_settings_resolve_per_task(env_name, expected):
     args = gorl_fm.resolve(gorl_fm.Args(env_name=env_name))

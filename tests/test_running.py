@@ -41,13 +41,18 @@ class ChoiceArgs:
     mode: Literal["a", "b"] = "a"
     optional: Literal["x", "y"] | None = None
     free: str = "anything"
+    staged: tuple[Literal["p", "q"], ...] | None = None
+    rates: tuple[float, ...] = (1.0,)
 
 
 def test_choice_checks_name_the_flag_and_its_choices():
     assert all(ok for ok, _ in running.choice_checks(ChoiceArgs()))
-    assert all(ok for ok, _ in running.choice_checks(ChoiceArgs(mode="b", optional="y")))
-    failed = [m for ok, m in running.choice_checks(ChoiceArgs(mode="c", optional="z", free="?")) if not ok]
-    assert failed == ["--mode must be one of a, b, got 'c'", "--optional must be one of x, y, got 'z'"]
+    assert all(ok for ok, _ in running.choice_checks(ChoiceArgs(mode="b", optional="y", staged=("q", "p"))))
+    failed = [m for ok, m in running.choice_checks(ChoiceArgs(mode="c", optional="z", free="?", staged=("p", "r")))
+              if not ok]
+    assert failed == ["--mode must be one of a, b, got 'c'", "--optional must be one of x, y, got 'z'",
+                      "--staged must be one of p, q, got 'r'"]
+    assert not running.choice_checks(ChoiceArgs(staged=()))[-1][0]  # a per-stage flag needs a value
 
 
 def test_ppo_layout_checks_name_exactly_the_flags_that_are_not_positive():
@@ -79,13 +84,16 @@ def test_per_stage_values_hold_their_last_value():
 @pytest.mark.parametrize("module", [gorl_fm, gorl_diffusion], ids=lambda m: m.__name__)
 def test_per_stage_flags_reach_the_stage_hyperparameters(module):
     args = module.resolve(module.Args(env_name="CartpoleBalance", learning_rate=(1e-3, 2e-4), clip_eps=(0.1, 0.2, 0.4),
-                                      max_grad_norm=(0.5,), kl_beta=(1e-4, 2e-4, 3e-4, 4e-4), ent_coef=(0.02, 0.0)))
+                                      max_grad_norm=(0.5,), kl_beta=(1e-4, 2e-4, 3e-4, 4e-4), ent_coef=(0.02, 0.0),
+                                      normalizer_update=("before", "after"), normalizer_variance=("running", "batch")))
     hp = [module.stage_hyperparameters(args, m) for m in range(4)]
     assert [float(h["learning_rate"]) for h in hp] == pytest.approx([1e-3, 2e-4, 2e-4, 2e-4])
     assert [float(h["clip_eps"]) for h in hp] == pytest.approx([0.1, 0.2, 0.4, 0.4])
     assert [float(h["max_grad_norm"]) for h in hp] == pytest.approx([0.5] * 4)
     assert [float(h["kl_beta"]) for h in hp] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
     assert [float(h["ent_coef"]) for h in hp] == pytest.approx([0.02, 0.0, 0.0, 0.0])
+    assert [float(h["normalizer_before"]) for h in hp] == [1.0, 0.0, 0.0, 0.0]
+    assert [float(h["normalizer_keep_variance"]) for h in hp] == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(SystemExit, match="--clip-eps needs one or more values"):
         module.validate(dataclasses.replace(args, clip_eps=()))
 

@@ -118,15 +118,16 @@ def test_at_learning_rate_zero_the_per_minibatch_advantages_see_the_rollout_poli
 
 @pytest.mark.parametrize("algo", ["fpo", "dppo", "gorl_fm", "gorl_diffusion"])
 def test_normalizer_update_before_moves_the_ratio_in_every_script(algo):
-    _, _, _, metrics, prefix = run_one_iteration(algo, normalizer_update="before")
+    before = ("before",) if algo.startswith("gorl") else "before"  # per stage in the GoRL files
+    _, _, _, metrics, prefix = run_one_iteration(algo, normalizer_update=before)
     assert float(metrics[f"{prefix}/approx_kl"]) > 1e-6
 
 
 def test_gorl_fm_batch_variance_drops_the_earlier_squared_deviations():
     """--normalizer-variance batch (the release's FishSwim setting) reaches the iteration: the
     same update, less the variance sum the state held before it."""
-    _, before, running_after, _, _ = run_one_iteration("gorl_fm", normalizer_variance="running")
-    _, _, batch_after, _, _ = run_one_iteration("gorl_fm", normalizer_variance="batch")
+    _, before, running_after, _, _ = run_one_iteration("gorl_fm", normalizer_variance=("running",))
+    _, _, batch_after, _, _ = run_one_iteration("gorl_fm", normalizer_variance=("batch",))
     np.testing.assert_allclose(batch_after.norm.mean, running_after.norm.mean, rtol=1e-6)
     np.testing.assert_allclose(batch_after.norm.m2, running_after.norm.m2 - before.norm.m2, rtol=1e-4, atol=1e-3)
     assert float(before.norm.m2.min()) > 1.0  # so the difference is visible
@@ -160,7 +161,8 @@ def test_the_stage_settings_in_the_state_are_the_ones_applied(module):
     state = gorl_state(module, args, env, optimizer, optimizer.init)
     iteration = jax.jit(module.make_train_iteration(env, optimizer, args))
     free = {"learning_rate": jnp.float32(1e-2), "clip_eps": jnp.float32(10.0), "max_grad_norm": jnp.float32(1e6),
-            "kl_beta": jnp.float32(0.0), "ent_coef": jnp.float32(0.01)}
+            "kl_beta": jnp.float32(0.0), "ent_coef": jnp.float32(0.01), "normalizer_before": jnp.float32(0.0),
+            "normalizer_keep_variance": jnp.float32(1.0)}
 
     def run(**hp):
         after, metrics = iteration(state._replace(hp={**free, **hp}), jax.random.PRNGKey(2))
