@@ -399,9 +399,9 @@ def args_from_run(args_cls, run_dir: str, **overrides):
         config = json.load(f)
     fields = {f.name for f in dataclasses.fields(args_cls)}
     hints = typing.get_type_hints(args_cls)
-    # A flag that became per-stage since the run started (a number then, a tuple now) holds for every stage.
+    # A flag that became per-stage since the run started (one value then, a tuple now) holds for every stage.
     per_stage_now = {k for k, h in hints.items() if tuple in (typing.get_origin(h), *map(typing.get_origin, typing.get_args(h)))}
-    config = {k: tuple(v) if isinstance(v, list) else (v,) if k in per_stage_now and isinstance(v, (int, float)) else v
+    config = {k: tuple(v) if isinstance(v, list) else (v,) if k in per_stage_now and isinstance(v, (int, float, str)) else v
               for k, v in config.items() if k in fields}
     return dataclasses.replace(args_cls(**config), **overrides)
 

@@ -320,9 +320,10 @@ def test_a_run_from_before_a_flag_became_per_stage_resumes_with_it_in_every_stag
     with open(path) as f:
         config = json.load(f)
     with open(path, "w") as f:
-        json.dump(dict(config, ent_coef=0.02, vf_coef=0.5), f)
+        json.dump(dict(config, ent_coef=0.02, vf_coef=0.5, normalizer_update="before"), f)
     resumed = running.args_from_run(gorl_diffusion.Args, run.dir)
     assert resumed.ent_coef == (0.02,) and resumed.vf_coef == 0.5  # a plain float flag stays a float
+    assert resumed.normalizer_update == ("before",) and resumed.env_name == "CartpoleBalance"
     assert float(gorl_diffusion.stage_hyperparameters(gorl_diffusion.resolve(resumed), 3)["ent_coef"]) == pytest.approx(0.02)
 
 
