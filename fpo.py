@@ -75,8 +75,8 @@ class Args(running.RunFlags):
     """what the epochs shuffle into minibatches: transition (single steps) or sequence (whole unroll_length sequences, Brax's)"""
     gae_form: Literal["standard", "release"] = "standard"
     """standard (GAE(lambda), a truncation bootstrapped from the true last observation) or release (Brax's compute_gae: truncated steps left out, one-step policy advantage)"""
-    normalizer_update: Literal["before", "after"] = "before"
-    """update the observation normalizer before the epochs (Brax's order and the release's; the epochs see this rollout's statistics) or after (ratio 1 at the first minibatch)"""
+    normalizer_update: Literal["after", "before"] = "after"
+    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
     reward_scaling: float = 10.0
     """multiply rewards by this for learning (returns are reported unscaled)"""
     num_flow_steps: int = 10
@@ -286,8 +286,7 @@ def make_train_iteration(env, optimizer, args: Args):
         env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps,
                                          fresh_start_states=args.fresh_start_states)
         if args.normalizer_update == "before":
-            # Brax's order (the default, as released): the epochs see statistics that include this
-            # rollout (ratio not 1 at first).
+            # Brax's order: the epochs see statistics that include this rollout (ratio not 1 at first).
             norm = common.normalizer_update(norm, data["obs"])
         batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
                                        action=data["action"], cfm_t=data["cfm_t"], cfm_eps=data["cfm_eps"], cfm_loss=data["cfm_loss"])

@@ -60,8 +60,8 @@ class Args(running.RunFlags):
     """entropy bonus coefficient"""
     entropy: Literal["tanh", "gaussian"] = "tanh"
     """entropy estimate: tanh (Brax's, of the squashed action, one sample per state) or gaussian (pre-squash, closed form)"""
-    normalizer_update: Literal["before", "after"] = "before"
-    """update the observation normalizer before the epochs (Brax's order and the release's; the epochs see this rollout's statistics) or after (ratio 1 at the first minibatch)"""
+    normalizer_update: Literal["after", "before"] = "after"
+    """update the observation normalizer after the epochs (ratio 1 at the first minibatch) or before (Brax's order)"""
     advantages: Literal["rollout", "minibatch"] = "rollout"
     """when advantages and value targets are computed: rollout (once per iteration over each environment's whole rollout, critic from before the epochs) or minibatch (in the loss, on each minibatch's sequences, current critic: Brax's and the release's)"""
     minibatch_unit: Literal["transition", "sequence"] = "transition"
@@ -237,8 +237,8 @@ def make_train_iteration(env, optimizer, args: Args):
         env_state, data = common.rollout(env, env_state, policy, k_rollout, rollout_steps,
                                          fresh_start_states=args.fresh_start_states)
         if args.normalizer_update == "before":
-            # Brax's order (the default, as released): the epochs see observations normalized with
-            # statistics that include this rollout, so the first minibatch's ratio is not exactly 1.
+            # Brax's order: the epochs see observations normalized with statistics that include
+            # this rollout, so the first minibatch's ratio is not exactly 1.
             norm = common.normalizer_update(norm, data["obs"])
         batch = common.ppo_epochs_data(data, norm, lambda obs: critic(params["critic"], obs), args,
                                        action=data["action"], log_prob=data["log_prob"])

@@ -19,8 +19,7 @@ says which one matters):
                        from before the epochs, single-transition minibatches, truncations
                        bootstrapped from the true last observation
   entropy-gaussian     ppo.py with its old closed-form pre-squash Gaussian entropy
-  normalizer-before    Brax's order: the normalizer updated before the epochs (ppo.py's default
-                       since 2026-12-06, as the release's baselines; "ppo" is the default before it)
+  normalizer-before    Brax's order: the normalizer updated before the epochs
   fresh-start-states   every environment's start state redrawn at each iteration (the other rows
                        reuse the start states of the first reset, as Brax does with its default
                        num_resets_per_eval=0, used here)

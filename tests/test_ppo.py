@@ -216,7 +216,7 @@ RELEASED_DEFAULTS = {
     "actor_hidden": (32, 32, 32, 32),
     "critic_hidden": (256, 256, 256, 256, 256),
     "entropy": "tanh",
-    "normalizer_update": "before",
+    "normalizer_update": "after",
     "advantages": "rollout",
     "minibatch_unit": "transition",
     "gae_form": "standard",
@@ -384,7 +384,7 @@ def test_run_folder_contents(first_run):
     assert {k: config[k] for k in ppo.TASK_DEFAULTS} == {
         "learning_rate": 3e-4, "clip_eps": 0.1, "discount": 0.995, "max_grad_norm": 0.0, "deterministic_eval": True,
         "matmul_precision": "default"}
-    assert config["entropy"] == "tanh" and config["normalizer_update"] == "before"
+    assert config["entropy"] == "tanh" and config["normalizer_update"] == "after"
 
     rows = read_csv(os.path.join(run_dir, "metrics.csv"))
     assert [int(r["step"]) for r in rows] == [ITERATION, 2 * ITERATION]

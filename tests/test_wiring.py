@@ -4,9 +4,8 @@ With a learning rate of 0 the parameters never move, so every minibatch of every
 the rollout's own policy: the log-ratio is 0, nothing is clipped and the approximate KL is 0,
 provided the iteration normalizes observations for the epochs exactly as it did for the
 rollout. The normalizer starts far from the task's statistics, so an update of it before the
-epochs (Brax's order, the baselines' default, `--normalizer-update before`) moves every ratio
-away from 1: the check fails for that wiring, which is what makes it a test of the order, so
-these iterations run with the normalizer after the epochs unless a test asks for before. It also checks that
+epochs (Brax's order, `ppo.py --normalizer-update before`) moves every ratio away from 1: the
+check fails for that wiring, which is what makes it a test of the order. It also checks that
 the normalizer does take in the rollout (after the epochs) and that the returned environment
 state is the one the rollout ended in.
 """
@@ -66,8 +65,7 @@ def run_one_iteration(algo, **overrides):
     small = dict(critic_hidden=(16,))
     if algo in ("ppo", "fpo", "dppo"):
         module = {"ppo": ppo, "fpo": fpo, "dppo": dppo}[algo]
-        # The normalizer after the epochs unless a test says otherwise: at lr 0 every ratio is then 1.
-        args = module.resolve(module.Args(**LAYOUT, **small, actor_hidden=(16,), **{"normalizer_update": "after", **overrides}))
+        args = module.resolve(module.Args(**LAYOUT, **small, actor_hidden=(16,), **overrides))
         state = baseline_state(module, args, env)
         iteration = module.make_train_iteration(env, ZERO_LR, args)
         prefix = "policy"
